@@ -1,0 +1,215 @@
+"""The model folder: save it, and load it strictly from a folder or a Hub snapshot.
+
+A folder holds ``config.json`` (format version, every tower's full architecture, a
+``preprocess`` block per modality and the package that provides each tower),
+``model.safetensors`` (or shards with ``model.safetensors.index.json``), the tokenizer
+files and ``README.md``. Loading reads safetensors only, checks every tensor name and
+shape, and needs no base-model download and no remote code.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata as md
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import registry
+from .config import ModelConfig
+from .errors import MissingPackageError, ModelFolderError, UnknownPartError
+from .model import ContrastiveModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def save_pretrained(model: ContrastiveModel, folder: str | Path, card: str | None = None) -> Path:
+    """Write ``model`` as a model folder. The folder appears complete or not at all."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        config = copy.deepcopy(model.config)
+        for modality, tower in model.towers.items():
+            tower_cfg = config.towers[modality]
+            tower_cfg.args = tower.export_args()
+            tower_cfg.preprocess.update(tower.save_assets(tmp, modality))
+            tower_cfg.provider = provider_of(tower_cfg.type)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / "README.md").write_text(card if card is not None else _minimal_card(config))
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> ContrastiveModel:
+    """A :class:`ContrastiveModel` with its preprocessing and tokenizer, from a model folder
+    or a Hub repo (the whole snapshot at ``revision``; honours ``HF_HUB_OFFLINE=1``)."""
+    folder = resolve_folder(name_or_path, revision, cache_dir)
+    config = read_config(folder)
+    _check_providers(config, folder)
+    state = read_weights(folder)
+    model = ContrastiveModel(config, root=folder)
+    check_state_dict(model, state, folder)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def resolve_folder(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local folder as it is, or the cached snapshot of a Hub repo (downloading it unless
+    offline). Pickled weight files are never downloaded."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if not _HUB_ID.match(name):
+        raise ModelFolderError(f"{name}: no such folder, and not a Hub repo id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot = snapshot_download(
+            repo_id=name, revision=revision, cache_dir=cache_dir, ignore_patterns=list(PICKLE_PATTERNS)
+        )
+    except LocalEntryNotFoundError as err:
+        raise ModelFolderError(
+            f"{name}@{revision or 'main'}: not in the local Hub cache and the Hub cannot be reached "
+            f"(offline?). Fetch it where there is a network with `clipzoo download {name}` "
+            f"and load the folder. ({err})"
+        ) from err
+    except HfHubHTTPError as err:
+        raise ModelFolderError(f"{name}@{revision or 'main'}: Hub download failed: {err}") from err
+    return Path(snapshot)
+
+
+def read_config(folder: Path) -> ModelConfig:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise ModelFolderError(f"{folder}: no {CONFIG_NAME}; this is not a clipzoo model folder")
+    return ModelConfig.from_json(path)
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors file(s). Pickled formats are refused."""
+    single, index = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [_inside(folder, f) for f in sorted(set(weight_map.values()))]
+    else:
+        pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+        hint = (
+            f" It holds pickled weights ({', '.join(pickles)}), which clipzoo never loads: they can "
+            "run arbitrary code. Convert them with a clipzoo importer (weights_only) first."
+            if pickles
+            else ""
+        )
+        raise ModelFolderError(f"{folder}: no {WEIGHTS_NAME}.{hint}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    state[key] = handle.get_tensor(key)
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ModelFolderError(f"{file}: not a readable safetensors file ({err})") from err
+    return state
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Fail with the names of missing, unexpected or wrongly-shaped tensors."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches: {'; '.join(shapes)}")
+    if problems:
+        raise ModelFolderError(f"{folder / WEIGHTS_NAME}: " + " | ".join(problems))
+
+
+def provider_of(tower_type: str) -> dict[str, str]:
+    """The distribution (and its version) that registers ``tower_type``."""
+    for entry in registry.entries("tower"):
+        if entry.name == tower_type and entry.distribution != "(runtime)":
+            return {"package": entry.distribution, "version": md.version(entry.distribution)}
+    package = registry.package_for(tower_type) or "clipzoo-core"
+    try:
+        version = md.version(package)
+    except md.PackageNotFoundError:
+        version = "unknown"
+    return {"package": package, "version": version}
+
+
+def _check_providers(config: ModelConfig, folder: Path) -> None:
+    for modality, tower_cfg in config.towers.items():
+        try:
+            registry.get("tower", tower_cfg.type)
+        except UnknownPartError as err:
+            package = tower_cfg.provider.get("package")
+            if package and package != "clipzoo-core":
+                raise MissingPackageError(
+                    f"{folder}: the {modality} tower ({tower_cfg.type}) comes from {package}, "
+                    f"which is not installed: pip install {package}"
+                ) from err
+            raise
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    path = (folder / relative).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ModelFolderError(f"{folder / WEIGHTS_INDEX_NAME}: shard {relative!r} points outside the folder")
+    return path
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _minimal_card(config: ModelConfig) -> str:
+    towers = "\n".join(f"- `{m}`: {t.type} ({t.provider.get('package', '?')})" for m, t in config.towers.items())
+    return (
+        "---\nlibrary_name: clipzoo\ntags:\n- clipzoo\n- contrastive\n---\n\n"
+        f"# {config.architecture or 'clipzoo model'}\n\n"
+        f"Contrastive model with towers:\n{towers}\n\nEmbedding width: {config.embed_dim}.\n\n"
+        "No evaluation results are recorded for this folder.\n\n"
+        "```python\nimport clipzoo.core\nmodel = clipzoo.core.load('PATH_OR_REPO')\n```\n"
+    )
+

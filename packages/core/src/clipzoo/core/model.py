@@ -1,0 +1,147 @@
+"""``ContrastiveModel``: towers keyed by modality, mapping into one normalised space."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import registry
+from .config import ModelConfig
+from .towers.base import Tower
+
+
+class LogitParams(nn.Module):
+    """Learnable temperature (stored as log-scale, as CLIP does) and optional SigLIP bias.
+
+    A submodule of its own so PEFT can train it through ``modules_to_save=["logit"]``.
+    """
+
+    def __init__(self, init_scale: float, init_bias: float | None) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
+
+
+@dataclass
+class ModelOutput:
+    """Normalised embeddings per modality, token features and masks where asked, and the
+    exponentiated temperature (and bias) objectives use."""
+
+    embeddings: dict[str, torch.Tensor]
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+class ContrastiveModel(nn.Module):
+    """A set of towers, one per modality, into one shared embedding space.
+
+    State-dict layout: ``towers.<modality>.*`` and ``logit.scale`` / ``logit.bias``; the same
+    for every domain. Build from a :class:`ModelConfig` (towers are looked up in the
+    registry by their ``type``) or load a saved folder with :func:`clipzoo.core.load`.
+    """
+
+    def __init__(self, config: ModelConfig, root: Path | None = None) -> None:
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        towers = {}
+        for modality, tower_cfg in self.config.towers.items():
+            tower_cls = registry.get("tower", tower_cfg.type)
+            towers[modality] = tower_cls(tower_cfg, self.config.embed_dim, root=root)
+        self.towers = nn.ModuleDict(towers)
+        self.logit = LogitParams(self.config.init_logit_scale, self.config.init_logit_bias)
+
+    # -- encoding -----------------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers.keys())
+
+    def tower(self, modality: str) -> Tower:
+        if modality not in self.towers:
+            raise KeyError(f"this model has no {modality!r} tower; it has {self.modalities}")
+        return self.towers[modality]  # type: ignore[return-value]
+
+    def encode(self, modality: str, inputs: Any, normalize: bool = True) -> torch.Tensor:
+        """Embeddings of a prepared batch (see :meth:`prepare`) for one modality."""
+        pooled = self.tower(modality)(inputs).pooled
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def forward(self, batch: Mapping[str, Any], return_tokens: bool | Iterable[str] = False) -> ModelOutput:
+        """Encode every modality of ``batch`` that has a tower; other keys pass untouched."""
+        want_tokens = set(self.modalities) if return_tokens is True else set(return_tokens or ())
+        out = ModelOutput({}, self.logit.scale.exp(), self.logit.bias)
+        for modality in self.modalities:
+            if modality not in batch:
+                continue
+            tower_out = self.towers[modality](batch[modality], return_tokens=modality in want_tokens)
+            out.embeddings[modality] = F.normalize(tower_out.pooled, dim=-1)
+            if modality in want_tokens:
+                out.tokens[modality] = tower_out.tokens
+                out.masks[modality] = tower_out.mask
+        return out
+
+    # -- preprocessing (stored with the weights) ----------------------------------------
+    def prepare(self, modality: str, items: list[Any], train: bool = False) -> Any:
+        """Turn raw items (PIL images, paths, strings, ...) into a batch for ``modality``,
+        using the preprocessing stored in this model's config."""
+        return self.tower(modality).prepare(items, train=train)
+
+    @property
+    def transforms(self) -> dict[str, Any]:
+        """Per modality, the callable that turns a list of raw items into a model batch."""
+        return {m: self.towers[m].prepare for m in self.modalities}
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of the (first) text tower."""
+        for tower in self.towers.values():
+            if hasattr(tower, "tokenizer"):
+                return tower.tokenizer
+        raise AttributeError("this model has no text tower")
+
+    def encode_text(self, texts: list[str], modality: str = "text", normalize: bool = True) -> torch.Tensor:
+        return self.encode(modality, _to(self.prepare(modality, texts), self._device()), normalize)
+
+    def encode_images(self, images: list[Any], modality: str = "image", normalize: bool = True) -> torch.Tensor:
+        return self.encode(modality, _to(self.prepare(modality, images), self._device()), normalize)
+
+    def _device(self) -> torch.device:
+        return self.logit.scale.device
+
+    # -- training helpers (the tower protocol, lifted to the model) ---------------------
+    def lock(self, modality: str, unlocked_groups: int = 0) -> None:
+        self.tower(modality).lock(unlocked_groups)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for tower in self.towers.values():
+            tower.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"towers.{m}.{n}" for m, t in self.towers.items() for n in t.no_weight_decay()}
+        return names | {n for n, _ in self.logit.named_parameters(prefix="logit")}
+
+    def peft_target_modules(self, modalities: Iterable[str] | None = None) -> list[str]:
+        chosen = self.modalities if modalities is None else list(modalities)
+        return [f"towers.{m}.{n}" for m in chosen for n in self.tower(m).peft_target_modules()]
+
+    # -- persistence --------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> Path:
+        from .hub import save_pretrained
+
+        return save_pretrained(self, folder, **kwargs)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
