@@ -12,8 +12,9 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="clipzoo-test-hf-home-"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import netguard  # noqa: E402
 import pytest  # noqa: E402
+
+import netguard  # noqa: E402
 
 netguard.install()
 

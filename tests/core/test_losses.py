@@ -84,7 +84,7 @@ def test_clip_objective_equals_open_clip(seed):
     v1, g1 = _value_and_grads(ours, a, b, raw, bias)
     v2, g2 = _value_and_grads(theirs, a, b, raw, bias)
     assert torch.allclose(v1, v2, rtol=0, atol=1e-12)
-    for mine, ref in zip(g1, g2):
+    for mine, ref in zip(g1, g2, strict=True):
         assert torch.allclose(mine, ref, rtol=0, atol=1e-12)
 
 
@@ -104,7 +104,7 @@ def test_siglip_objective_equals_open_clip(seed):
     v1, g1 = _value_and_grads(ours, a, b, raw, bias)
     v2, g2 = _value_and_grads(theirs, a, b, raw, bias)
     assert torch.allclose(v1, v2, rtol=0, atol=1e-12)
-    for mine, ref in zip(g1, g2):
+    for mine, ref in zip(g1, g2, strict=True):
         assert torch.allclose(mine, ref, rtol=0, atol=1e-12)
 
 

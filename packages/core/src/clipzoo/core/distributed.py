@@ -71,13 +71,13 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, padded: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         world = dist.get_world_size()
-        out = padded.new_empty((world, *padded.shape))
+        out = padded.new_empty((world * padded.shape[0], *padded.shape[1:]))
         dist.all_gather_into_tensor(out, padded.contiguous())
-        return out
+        return out.view(world, *padded.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[dist.get_rank()]
 

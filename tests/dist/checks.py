@@ -1,0 +1,119 @@
+"""The table of distributed checks, run by one torchrun launch (see ``launch.py``).
+
+Each check runs on every rank and returns, on rank 0, a dict with ``ok`` and numbers that
+explain it. Adding a check means adding a function to ``CHECKS``; the pytest side
+(``tests/core/test_distributed.py``) parametrises over the names, so no new test code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TOL = 1e-10  # float64 throughout
+
+
+def _texts(n: int) -> list[str]:
+    words = ["red", "blue", "green", "small", "large", "cube", "sphere", "cone", "left", "right"]
+    return [" ".join(words[(i * 3 + k) % len(words)] for k in range(1 + i % 5)) for i in range(n)]
+
+
+def _full_batch(model: Any, n: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1234)
+    size = model.config.towers["image"].preprocess["size"]
+    images = torch.randn(n, 3, *size, generator=gen, dtype=torch.float64)
+    return {"image": images, "text": model.prepare("text", _texts(n))}
+
+
+def _slice(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    text = {k: v[start:stop] for k, v in batch["text"].items()}
+    return {"image": batch["image"][start:stop], "text": text}
+
+
+def _grad_equality(
+    architecture: str, objective_name: str, rank_sizes: list[int], detach_gather: bool = False
+) -> Callable[[], dict[str, Any]]:
+    """Gradients of every parameter on W ranks (DDP, global negatives through the gather)
+    equal one process on the concatenated batch. With ``detach_gather`` the other ranks'
+    rows carry no gradient (open_clip's default); the check then expects a mismatch, which
+    shows the comparison can fail."""
+
+    def run() -> dict[str, Any]:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        import clipzoo.core as cz
+        from clipzoo.core.distributed import WorldInfo, world_info
+        from clipzoo.core.losses import ObjectiveContext
+
+        DetachedGatherContext = _detached_gather_context()
+        world = world_info()
+        assert len(rank_sizes) == world.world_size
+        torch.manual_seed(0)
+        model = cz.create_model(architecture).double().train()
+        objective = cz.create_objective(objective_name)
+        batch = _full_batch(model, sum(rank_sizes))
+
+        reference = copy.deepcopy(model)
+        ref_loss = objective(reference(batch), batch, ObjectiveContext(world=WorldInfo())).loss
+        ref_loss.backward()
+
+        start = sum(rank_sizes[: world.rank])
+        local = _slice(batch, start, start + rank_sizes[world.rank])
+        ddp = DDP(model)
+        ctx = DetachedGatherContext(world=world) if detach_gather else ObjectiveContext(world=world)
+        loss = objective(ddp(local), local, ctx).loss
+        loss.backward()
+
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= world.world_size
+
+        worst, worst_name = 0.0, ""
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+            if q.grad is None or p.grad is None:
+                if (q.grad is None) != (p.grad is None):
+                    return {"ok": False, "detail": f"{name}: gradient present on only one side"}
+                continue
+            diff = ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1.0)).item()
+            if diff > worst:
+                worst, worst_name = diff, name
+        loss_diff = abs(mean_loss.item() - ref_loss.item())
+        scale_grad = model.logit.scale.grad.item()
+        exact = worst <= TOL and loss_diff <= TOL
+        return {
+            "ok": (worst > 1e-3 and loss_diff <= TOL) if detach_gather else exact,
+            "max_rel_grad_diff": worst,
+            "worst_param": worst_name,
+            "loss_diff": loss_diff,
+            "logit_scale_grad": scale_grad,
+            "params_checked": sum(1 for _ in model.parameters()),
+        }
+
+    return run
+
+
+def _detached_gather_context() -> type:
+    from clipzoo.core.distributed import Gathered
+    from clipzoo.core.losses import ObjectiveContext
+
+    class DetachedGatherContext(ObjectiveContext):
+        def gather(self, x: torch.Tensor) -> Gathered:
+            gathered = super().gather(x.detach())
+            rows = list(gathered.all.split(1))
+            rows[gathered.offset : gathered.offset + x.shape[0]] = list(x.split(1))  # local rows keep grad
+            return Gathered(torch.cat(rows), gathered.offset, gathered.total)
+
+    return DetachedGatherContext
+
+
+CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
+    "clip_grads_even": _grad_equality("core/tiny", "clip", [3, 3]),
+    "clip_grads_uneven": _grad_equality("core/tiny", "clip", [4, 2]),
+    "siglip_grads_even": _grad_equality("core/tiny-siglip", "siglip", [3, 3]),
+    "siglip_grads_uneven": _grad_equality("core/tiny-siglip", "siglip", [2, 3]),
+    "control_detached_gather_is_wrong": _grad_equality("core/tiny", "clip", [3, 3], detach_gather=True),
+}
