@@ -187,8 +187,11 @@ def _check_providers(config: ModelConfig, folder: Path) -> None:
 
 
 def _inside(folder: Path, relative: str) -> Path:
-    path = (folder / relative).resolve()
-    if not path.is_relative_to(folder.resolve()):
+    # Checked on the path as written, not with symlinks resolved: in a Hub cache snapshot
+    # every file is a symlink into ``../../blobs/``, which is outside the snapshot folder.
+    base = Path(os.path.normpath(folder.absolute()))
+    path = Path(os.path.normpath(base / relative))
+    if not path.is_relative_to(base):
         raise ModelFolderError(f"{folder / WEIGHTS_INDEX_NAME}: shard {relative!r} points outside the folder")
     return path
 

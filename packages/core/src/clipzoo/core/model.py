@@ -120,6 +120,9 @@ class ContrastiveModel(nn.Module):
     def lock(self, modality: str, unlocked_groups: int = 0) -> None:
         self.tower(modality).lock(unlocked_groups)
 
+    def unlock(self, modality: str) -> None:
+        self.tower(modality).unlock()
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for tower in self.towers.values():
             tower.set_grad_checkpointing(enable)

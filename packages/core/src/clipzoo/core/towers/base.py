@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -65,6 +66,19 @@ class Tower(nn.Module):
         """Write files the tower needs besides weights (a tokenizer); return preprocess updates."""
         return {}
 
+    def sample_transform(self, train: bool = False) -> Callable[[Any], Any]:
+        """Per-sample preprocessing of one raw item (runs in data-loader workers); picklable."""
+        return _identity
+
+    def collate(self, items: list[Any]) -> Any:
+        """One batch from already-transformed samples (e.g. stacking, or tokenizing)."""
+        return torch.stack(items)
+
+    def prepare(self, items: list[Any], train: bool = False) -> Any:
+        """Raw items -> a batch this tower eats, with the preprocessing stored in its config."""
+        transform = self.sample_transform(train)
+        return self.collate([transform(item) for item in items])
+
     # -- shared -------------------------------------------------------------------------
     def forward(self, inputs: Any, return_tokens: bool = False) -> TowerOutput:
         out = self.features(inputs, return_tokens)
@@ -109,3 +123,7 @@ class Tower(nn.Module):
     def peft_target_modules(self) -> list[str]:
         """Fully-qualified names (relative to the tower) of the modules LoRA should adapt."""
         return [n for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.startswith("head")]
+
+
+def _identity(item: Any) -> Any:
+    return item

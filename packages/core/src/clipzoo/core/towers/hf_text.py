@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +79,13 @@ class HFTextTower(Tower):
             pooled = out.pooler_output
         return TowerOutput(pooled, hidden if return_tokens else None, mask.bool() if return_tokens else None)
 
-    def prepare(self, texts: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+    def sample_transform(self, train: bool = False) -> Callable[[Any], Any]:
+        return _check_text
+
+    def collate(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenize, padding to the longest text in the batch (not to the context length)."""
         if isinstance(texts, str):
-            raise TypeError("prepare() takes a list of strings, not one string")
+            raise TypeError("expected a list of strings, not one string")
         enc = self.tokenizer(
             list(texts), padding="longest", truncation=True, max_length=self.context_length,
             return_tensors="pt", return_token_type_ids=False,
@@ -141,3 +144,9 @@ def _model_kwargs(auto_cls: Any, hf_config: Any, pooling: str) -> dict[str, Any]
     if pooling != "pooler" and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
         return {"add_pooling_layer": False}
     return {}
+
+
+def _check_text(item: Any) -> str:
+    if not isinstance(item, str):
+        raise TypeError(f"a text sample must be a string, got {type(item).__name__}")
+    return item

@@ -92,21 +92,8 @@ class TimmImageTower(Tower):
             return linear
         return [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
 
-    def prepare(self, images: list[Any], train: bool = False) -> torch.Tensor:
-        """Stack PIL images, paths or CHW tensors into a normalised batch."""
-        from PIL import Image
-
-        transform = self.transform(train)
-        out = []
-        for item in images:
-            if isinstance(item, torch.Tensor):
-                out.append(item)
-                continue
-            if isinstance(item, (str, Path)):
-                with Image.open(item) as img:
-                    item = img.convert("RGB")
-            out.append(transform(item))
-        return torch.stack(out)
+    def sample_transform(self, train: bool = False) -> ImageLoader:
+        return ImageLoader(self.transform(train))
 
     def transform(self, train: bool = False) -> Any:
         """timm's train or eval transform for this tower's preprocessing block."""
@@ -129,3 +116,21 @@ def _pair(value: Any) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     return (int(value[0]), int(value[1]))
+
+
+class ImageLoader:
+    """Opens a path or takes a PIL image, converts to RGB and applies the tower's transform;
+    CHW tensors are taken as already preprocessed. Picklable for data-loader workers."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        from PIL import Image
+
+        if isinstance(item, torch.Tensor):
+            return item
+        if isinstance(item, (str, Path)):
+            with Image.open(item) as img:
+                return self.transform(img.convert("RGB"))
+        return self.transform(item.convert("RGB") if item.mode != "RGB" else item)
