@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check packages tests tools
+	$(PY) tools/sync_assets.py --check
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,7 +1,8 @@
 import socket
 
-import netguard
 import pytest
+
+import netguard
 
 
 def test_guard_refuses_a_public_address_before_any_packet():
