@@ -95,8 +95,8 @@ def resolve_folder(name_or_path: str | Path, revision: str | None = None, cache_
     except LocalEntryNotFoundError as err:
         raise ModelFolderError(
             f"{name}@{revision or 'main'}: not in the local Hub cache and the Hub cannot be reached "
-            f"(offline?). Fetch it where there is a network with `clipzoo download {name}` "
-            f"and load the folder. ({err})"
+            f"(offline?). Fetch it where there is a network with `hf download {name} --local-dir DIR` "
+            f"and load DIR. ({err})"
         ) from err
     except HfHubHTTPError as err:
         raise ModelFolderError(f"{name}@{revision or 'main'}: Hub download failed: {err}") from err
@@ -116,7 +116,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ModelFolderError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {err}") from err
         files = [_inside(folder, f) for f in sorted(set(weight_map.values()))]
     else:
         pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))

@@ -76,6 +76,8 @@ class Tower(nn.Module):
 
     def prepare(self, items: list[Any], train: bool = False) -> Any:
         """Raw items -> a batch this tower eats, with the preprocessing stored in its config."""
+        if isinstance(items, (str, bytes)):  # would otherwise be split into characters
+            raise TypeError("prepare() takes a list of items, not one string")
         transform = self.sample_transform(train)
         return self.collate([transform(item) for item in items])
 

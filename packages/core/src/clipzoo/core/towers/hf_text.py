@@ -111,10 +111,19 @@ class HFTextTower(Tower):
         return {"config": hf_config, "pooling": self.pooling}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the
+        # old names warn and go in v6); older releases only have the old names.
+        model = self.model
         if enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
         else:
-            self.model.gradient_checkpointing_disable()
+            model.gradient_checkpointing_disable()
 
     def save_assets(self, folder: Path, modality: str) -> dict[str, Any]:
         relative = f"tokenizer/{modality}"
