@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import random
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from .schema import METADATA_KEYS
@@ -12,7 +15,9 @@ from .schema import METADATA_KEYS
 
 class Collator:
     """Per-sample transforms (in the worker) + per-modality batching, for every modality
-    the model has a tower for. ``None`` samples (skipped bad samples) are dropped.
+    the model has a tower for. ``None`` samples (skipped bad samples) are dropped. A sample
+    with a ``"seed"`` key has its random augmentation drawn from that seed, leaving the
+    process's random generators as they were.
 
     Output: ``{modality: batch input, "label": tensor, "id": [...], "image_id": [...]}``.
     """
@@ -30,9 +35,32 @@ class Collator:
             return batch
         for modality, transform in self.transforms.items():
             if modality in samples[0]:
-                batch[modality] = self.collates[modality]([transform(s[modality]) for s in samples])
+                items = [_apply(transform, s[modality], s.get("seed")) for s in samples]
+                batch[modality] = self.collates[modality](items)
         for key in METADATA_KEYS:
             if key in samples[0]:
                 values = [s[key] for s in samples]
                 batch[key] = torch.as_tensor(values) if key == "label" else values
         return batch
+
+
+def _apply(transform: Any, item: Any, seed: int | None) -> Any:
+    if seed is None:
+        return transform(item)
+    with seeded(seed):
+        return transform(item)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch (CPU), ``random`` and numpy for a block, then restore all three."""
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)

@@ -5,7 +5,7 @@ same image, which would be false negatives for a contrastive loss), shuffles wit
 ``(seed, epoch)``, and cuts the order into global batches of ``world × batch`` samples;
 rank ``r`` takes its slice of each. The incomplete last global batch is dropped, so every
 rank runs the same number of steps. Datasets tell their images apart through an
-``image_ids()`` method; without one every sample is its own image.
+``image_ids`` list; without one every sample is its own image.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class GlobalBatchSampler:
         self, dataset: Any, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0
     ) -> None:
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world_size, seed
-        ids = dataset.image_ids() if hasattr(dataset, "image_ids") else list(range(len(dataset)))
+        ids = list(dataset.image_ids) if hasattr(dataset, "image_ids") else list(range(len(dataset)))
         groups: dict[Any, list[int]] = {}
         for index, image_id in enumerate(ids):
             groups.setdefault(image_id, []).append(index)
