@@ -110,10 +110,41 @@ def _detached_gather_context() -> type:
     return DetachedGatherContext
 
 
+def ddp_train_config():
+    """A few optimizer steps of the demo recipe, small enough for the CPU launch; shared with
+    the single-process reference run in tests/core/test_distributed.py."""
+    from clipzoo.core import registry
+
+    config = registry.build("recipe", "core/demo")
+    config.batch_size, config.accum_steps, config.max_steps = 4, 2, 3
+    config.eval_every, config.save_every, config.log_every, config.warmup_steps = 0, 1000, 1, 0
+    config.lr, config.val_data = 1e-3, None
+    return config
+
+
+def ddp_train_data():
+    from clipzoo.core.data.synthetic import SyntheticShapes
+
+    return SyntheticShapes(64, split="train", seed=0)
+
+
+def _ddp_training() -> dict[str, Any]:
+    """Train 3 steps (2 micro-batches each) on 2 ranks × 4 samples; rank 0 saves the model
+    to $CLIPZOO_DIST_OUT/ddp_train for the comparison with one process on batches of 8."""
+    import os
+
+    from clipzoo.core.train import Trainer
+
+    out = os.environ["CLIPZOO_DIST_OUT"] + "/ddp_train"
+    result = Trainer(ddp_train_config(), out, train_dataset=ddp_train_data(), progress=False).fit(resume=False)
+    return {"ok": result.steps == 3, "model": out + "/model"}
+
+
 CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
     "clip_grads_even": _grad_equality("core/tiny", "clip", [3, 3]),
     "clip_grads_uneven": _grad_equality("core/tiny", "clip", [4, 2]),
     "siglip_grads_even": _grad_equality("core/tiny-siglip", "siglip", [3, 3]),
     "siglip_grads_uneven": _grad_equality("core/tiny-siglip", "siglip", [2, 3]),
     "control_detached_gather_is_wrong": _grad_equality("core/tiny", "clip", [3, 3], detach_gather=True),
+    "ddp_training_runs": _ddp_training,
 }

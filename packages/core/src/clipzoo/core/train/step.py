@@ -5,7 +5,7 @@ with the micro-batch, not with k×B), then re-runs each micro-batch with gradien
 other k−1 contribute their cached embeddings as negatives, and back-propagates the loss of
 the *whole* step batch each time. Because ∂L/∂θ = Σᵢ ∂L/∂eᵢ · ∂eᵢ/∂θ, the summed tower
 gradients equal the full-batch gradients exactly, with no division by k. The temperature
-and bias enter the loss once per re-run, so only the first re-run keeps them in the graph;
+and bias enter the loss once per re-run, so only one re-run (the last) keeps them in the graph;
 otherwise their gradients come out k× too large (the trap in open_clip's ``--accum-freq``,
 FIELD_NOTES 1.4). The random state is replayed per micro-batch so dropout draws the same
 masks in both passes.
@@ -163,9 +163,10 @@ def forward_backward(
                     if not torch.equal(emb.detach(), cached[i].embeddings[m]):
                         raise AssertionError(f"micro-batch {i}: re-run {m} embeddings differ from the cached ones")
             out = merge_outputs([*cached[:i], fresh, *cached[i + 1 :]])
-            # the temperature and bias take their gradient from the first re-run only
-            out.logit_scale = fresh.logit_scale if i == 0 else fresh.logit_scale.detach()
-            out.logit_bias = fresh.logit_bias if i == 0 or fresh.logit_bias is None else fresh.logit_bias.detach()
+            # the temperature and bias take their gradient from one re-run only: the last, whose
+            # backward is the one DDP synchronises (every trainable parameter must take part)
+            out.logit_scale = fresh.logit_scale if i == last else fresh.logit_scale.detach()
+            out.logit_bias = fresh.logit_bias if i == last or fresh.logit_bias is None else fresh.logit_bias.detach()
             loss, step_terms = total_loss(objectives, _full_precision(out), batch, ctx)
             backward(loss)
         if step_loss is None:
