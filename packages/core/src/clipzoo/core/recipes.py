@@ -14,12 +14,13 @@ def demo() -> TrainConfig:
         train_data=DataSpec("synthetic-shapes", None, {"n": 20000, "split": "train"}),
         val_data=DataSpec("synthetic-shapes", None, {"n": 48, "split": "heldout", "unique": True}),
         batch_size=64,
-        max_steps=400,
+        max_steps=500,
         lr=1e-3,
         weight_decay=0.05,
-        warmup_steps=20,
-        eval_every=100,
-        save_every=100,
+        warmup_steps=50,
+        augment=False,  # random crops and flips would contradict the captions' size and position words
+        eval_every=125,
+        save_every=125,
         log_every=10,
         best_metric="text_to_image/R@1",
     )

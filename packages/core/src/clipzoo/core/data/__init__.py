@@ -4,6 +4,7 @@ from .check import DatasetSummary, format_summary, known_formats, open_dataset, 
 from .collate import Collator
 from .grouping import ImageGroups, group_by_image
 from .schema import METADATA_KEYS, BadSampleError, DatasetFormatError, UnsafePathError, parse_label
+from .synthetic import SyntheticShapes
 from .tabular import TabularDataset
 from .webdataset import WebDatasetShards, expand_shards, write_shards
 
@@ -14,6 +15,7 @@ __all__ = [
     "DatasetFormatError",
     "DatasetSummary",
     "ImageGroups",
+    "SyntheticShapes",
     "TabularDataset",
     "UnsafePathError",
     "WebDatasetShards",

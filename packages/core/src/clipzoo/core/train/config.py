@@ -53,6 +53,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     max_logit_scale: float = math.log(100.0)  # clamp of the raw (log) temperature
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a gradient scaler)
+    augment: bool = True  # the towers' training transforms (random crops, flips); off when captions name positions
     lock: dict[str, int] = field(default_factory=dict)  # modality -> unlocked groups (LiT: {"image": 0})
     grad_checkpointing: bool = False
     ema_decay: float | None = None

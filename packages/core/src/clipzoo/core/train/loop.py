@@ -194,7 +194,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             SeededSamples(train_set),
             batch_sampler=sampler,
-            collate_fn=Collator(model, train=True),
+            collate_fn=Collator(model, train=cfg.augment),
             num_workers=cfg.num_workers,
             generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
         )
