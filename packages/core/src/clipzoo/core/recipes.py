@@ -12,7 +12,7 @@ def demo() -> TrainConfig:
         model="core/tiny",
         objectives=[ObjectiveSpec("clip")],
         train_data=DataSpec("synthetic-shapes", None, {"n": 20000, "split": "train"}),
-        val_data=DataSpec("synthetic-shapes", None, {"n": 48, "split": "heldout", "unique": True}),
+        val_data=DataSpec("synthetic-shapes", None, {"n": 96, "split": "heldout", "unique": True}),
         batch_size=64,
         max_steps=500,
         lr=1e-3,

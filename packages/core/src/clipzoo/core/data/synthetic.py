@@ -40,6 +40,7 @@ _SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
 _BACKGROUND = (90, 150)  # grey level range
 _PIXEL_NOISE = 5.0  # std of per-pixel noise, in grey levels
 _COLOUR_JITTER = 18  # max per-channel offset of the object colour
+HELDOUT_PER_SHAPE = 2  # colours held out per shape
 _STREAMS = {"train": 1, "val": 2, "heldout": 3}
 
 Combination = tuple[str, str, str, str]  # (shape, colour, size, position)
@@ -57,13 +58,14 @@ class SyntheticShapes(torch.utils.data.Dataset):
     noise, slight colour and position jitter, and one of :data:`TEMPLATES` for the caption —
     vary per sample so a model must read the attributes rather than memorise pixels.
 
-    **Compositional generalisation.** For every shape one colour is held out, assigned by
-    a permutation drawn from ``seed`` so that each colour is also held out exactly once:
-    ``split="train"`` and ``split="val"`` only ever show the other 30 (shape, colour) pairs,
-    ``split="heldout"`` only the 6 held-out pairs (:attr:`heldout_pairs`). Every shape and
-    every colour occurs in training, but never in those pairs; retrieving held-out images
-    from their captions therefore works only if a model has learned shape and colour as
-    separate, recombinable factors. ``val`` draws training combinations from an index
+    **Compositional generalisation.** For every shape two colours are held out, assigned by
+    a permutation drawn from ``seed`` so that each colour is also held out with exactly two
+    shapes: ``split="train"`` and ``split="val"`` only ever show the other 24 (shape, colour)
+    pairs, ``split="heldout"`` only the 12 held-out pairs (:attr:`heldout_pairs`). Every
+    shape and every colour occurs in training, but never in those pairs; and since each
+    held-out colour comes with two shapes, colour, size and position alone never single out
+    a held-out image. Retrieving held-out images from their captions therefore works only
+    if a model has learned shape and colour as separate, recombinable factors. ``val`` draws training combinations from an index
     stream of its own.
 
     **Samples** (rendered on the fly, cheap): ``{"image": PIL RGB image_size×image_size,
@@ -77,7 +79,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     **unique=True** (retrieval galleries): the first ``n`` of a seeded permutation of the
     split's full (shape, colour, size, position) combinations, so each caption has exactly
-    one correct image. The train/val splits have 240 combinations, heldout 48.
+    one correct image. The train/val splits have 192 combinations, heldout 96.
     """
 
     def __init__(self, n: int, split: str = "train", seed: int = 0, image_size: int = 32, unique: bool = False) -> None:
@@ -125,7 +127,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     @property
     def heldout_pairs(self) -> list[tuple[str, str]]:
         """The (shape, colour) pairs that never occur in ``train`` or ``val``."""
-        return sorted(self._heldout, key=lambda p: SHAPES.index(p[0]))
+        return sorted(self._heldout, key=lambda p: (SHAPES.index(p[0]), list(COLOURS).index(p[1])))
 
     # -- samples -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -198,10 +200,14 @@ def _draw_shape(
 
 
 def _heldout_pairs(seed: int) -> set[tuple[str, str]]:
-    """One colour per shape, through a seeded permutation so each colour is held out once."""
+    """Two colours per shape, through a seeded permutation so each colour is held out with
+    two shapes: in the held-out gallery colour, size and position never single out an image,
+    so retrieving the right one needs the shape word too."""
     names = list(COLOURS)
     perm = np.random.default_rng([seed, 0]).permutation(len(names))
-    return {(shape, names[int(perm[i % len(names)])]) for i, shape in enumerate(SHAPES)}
+    return {
+        (shape, names[int(perm[(i + k) % len(names)])]) for i, shape in enumerate(SHAPES) for k in range(HELDOUT_PER_SHAPE)
+    }
 
 
 def _combinations(heldout: set[tuple[str, str]], held_out: bool) -> list[Combination]:
