@@ -104,7 +104,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     data = _open(args, args.path, on_error="skip")
     summary = summarize(data)
     print(format_summary(summary))
-    return 1 if summary.problem_count and args.strict else 0
+    return 1 if summary.n_problems and args.strict else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
