@@ -206,3 +206,15 @@ def test_cli_reports_a_missing_recipe_clearly():
     run = subprocess.run([sys.executable, "-m", "clipzoo.core.cli", "train", "--recipe", "medical/cxr-mimic"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "pip install clipzoo-medical" in run.stderr
+
+
+def test_trains_from_webdataset_shards(tmp_path):
+    from clipzoo.core.data import write_shards
+
+    data = SyntheticShapes(48, seed=5)
+    shards = write_shards([data[i] for i in range(48)], tmp_path / "shards", samples_per_shard=12)
+    assert len(shards) == 4
+    spec = DataSpec("webdataset", str(tmp_path / "shards"))
+    result = Trainer(quick_config(train_data=spec, max_steps=5), tmp_path / "run", progress=False).fit()
+    assert result.steps == 5  # 3 full batches of 16 per pass: the loader wrapped into a second epoch
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()

@@ -3,7 +3,9 @@ small enough for demos and learning tests on a CPU."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from typing import Any
 
 import numpy as np
@@ -130,6 +132,12 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return sorted(self._heldout, key=lambda p: (SHAPES.index(p[0]), list(COLOURS).index(p[1])))
 
     # -- samples -------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 of everything that determines the samples (for run provenance)."""
+        spec = json.dumps({"generator": "SyntheticShapes/1", "n": len(self), "split": self.split, "seed": self.seed,
+                           "image_size": self.image_size, "unique": self.unique}, sort_keys=True)
+        return hashlib.sha256(spec.encode()).hexdigest()
+
     def __len__(self) -> int:
         return self.n
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors", "huggingface_hub", "numpy")
@@ -111,17 +113,20 @@ def git_sha(cwd: Path | None = None) -> str | None:
 
 def data_fingerprint(dataset: Any, path: str | None) -> str:
     """A sha256 of the data: the dataset's own ``fingerprint()`` when it has one, else the
-    bytes of the file it was read from, else its length and type."""
+    bytes of the file (or WebDataset shards) it was read from, else its type and length.
+    Image files a table points to are not read: hashing a large image set would take long."""
     own = getattr(dataset, "fingerprint", None)
     if callable(own):
         return str(own())
     digest = hashlib.sha256()
-    if path and Path(path).is_file():
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
+    files = [Path(p) for p in getattr(dataset, "shards", [])] or ([Path(path)] if path and Path(path).is_file() else [])
+    for file in files:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023
                 digest.update(chunk)
-    else:
-        digest.update(f"{type(dataset).__qualname__}:{len(dataset)}".encode())
+    if not files:
+        size = len(dataset) if hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset) else "?"
+        digest.update(f"{type(dataset).__qualname__}:{size}".encode())
     return digest.hexdigest()
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,19 +186,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
 
-        from ..data import Collator
-
-        sampler = GlobalBatchSampler(
-            train_set, cfg.batch_size, world.rank, world.world_size, cfg.seed, start=step * cfg.accum_steps
-        )
-        loader = torch.utils.data.DataLoader(
-            SeededSamples(train_set),
-            batch_sampler=sampler,
-            collate_fn=Collator(model, train=cfg.augment),
-            num_workers=cfg.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
-        )
-        batches = iter(loader)
+        batches = self._batches(train_set, model, world, start=step * cfg.accum_steps)
 
         wrapped: torch.nn.Module = model
         if world.is_distributed:
@@ -295,6 +283,44 @@ class Trainer:
         if world.is_distributed:
             dist.barrier()
         return TrainResult(self.out, step, final_metrics, best_metrics, stopped_early)
+
+    def _batches(self, data: Any, model: ContrastiveModel, world: WorldInfo, start: int) -> Iterator[dict[str, Any]]:
+        """This rank's micro-batches forever, after skipping ``start`` of them.
+
+        Map-style datasets go through :class:`GlobalBatchSampler` (exact position, per-sample
+        augmentation seeds: resuming is bit-identical). Iterable datasets (WebDataset shards)
+        split themselves over ranks and workers; they resume at the right batch by skipping
+        it, but their augmentation draws are not replayed.
+        """
+        from ..data import Collator
+
+        cfg = self.config
+        collate = Collator(model, train=cfg.augment)
+        generator = torch.Generator().manual_seed(cfg.seed)  # keeps the global RNG untouched
+        if not isinstance(data, torch.utils.data.IterableDataset):
+            sampler = GlobalBatchSampler(data, cfg.batch_size, world.rank, world.world_size, cfg.seed, start=start)
+            yield from torch.utils.data.DataLoader(
+                SeededSamples(data), batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                generator=generator,
+            )
+            return
+        epoch, seen = 0, 0
+        while True:
+            if hasattr(data, "set_epoch"):
+                data.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                data, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
+                drop_last=True, generator=generator,
+            )
+            produced = 0
+            for batch in loader:
+                produced += 1
+                seen += 1
+                if seen > start:
+                    yield batch
+            if produced == 0:
+                raise ValueError(f"the training data gives this rank (rank {world.rank}) no full batch of {cfg.batch_size}")
+            epoch += 1
 
     def _eval_on_main(self, model: ContrastiveModel, val: Any, world: WorldInfo) -> dict[str, float]:
         metrics = self._evaluate(model, val) if world.is_main else {}
