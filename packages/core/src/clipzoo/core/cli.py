@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when problems are found")
     p.set_defaults(func=_cmd_data_check)
 
+    from .importers.cli import add_parser as add_import_parser
+
+    add_import_parser(sub)
+
     p = sub.add_parser("demo", help="train the demo model on built-in synthetic data (CPU, minutes)")
     p.add_argument("--out", default="demo_out", help="where the run, model and plots go")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from .base import Tower, TowerOutput
 from .sources import resolve_source
 
-POOLINGS = ("mean", "cls", "eos", "pooler")
+POOLINGS = ("mean", "cls", "eos", "argmax", "pooler")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.")
 
 
@@ -24,6 +24,7 @@ class HFTextTower(Tower):
     """``args``: either ``pretrained`` (a Hub id or folder; weights load through
     ``AutoModel.from_pretrained``) or ``config`` (a full transformers config dict, random
     init), and ``pooling`` (``mean`` over real tokens, ``cls``, ``eos`` = last real token,
+    ``argmax`` = the first real token with the largest id, i.e. CLIP's end-of-text token,
     or ``pooler`` = the model's own pooler output). ``preprocess``: ``tokenizer`` (a Hub
     id or folder; defaults to ``pretrained``) and ``context_length``.
     """
@@ -75,6 +76,9 @@ class HFTextTower(Tower):
         elif self.pooling == "eos":
             last = mask.sum(1).long() - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        elif self.pooling == "argmax":  # CLIP: end-of-text has the largest id in its vocabulary
+            position = ids.masked_fill(mask == 0, -1).argmax(dim=1)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), position]
         else:
             pooled = out.pooler_output
         return TowerOutput(pooled, hidden if return_tokens else None, mask.bool() if return_tokens else None)
