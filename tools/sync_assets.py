@@ -27,6 +27,9 @@ COPIES: dict[str, tuple[str, ...]] = {
     "shared/prompts/zero_shot_templates.json": (
         "packages/core/src/clipzoo/core/assets/prompts/zero_shot_templates.json",
     ),
+    "model_cards/template.md": (
+        "packages/core/src/clipzoo/core/assets/model_card_template.md",
+    ),
 }
 
 
@@ -53,6 +56,8 @@ def sync(root: Path = ROOT) -> list[str]:
     changed = []
     for source, targets in COPIES.items():
         src = root / source
+        if not src.is_file():  # nothing to copy; `--check` reports the missing source
+            continue
         data = src.read_bytes()
         for target in targets:
             dst = root / target

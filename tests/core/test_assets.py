@@ -27,6 +27,7 @@ def test_package_copies_match_shared_sources():
 def test_sync_check_reports_a_drifted_copy(tmp_path):
     tool = load_sync_tool()
     source, targets = next(iter(tool.COPIES.items()))
+    tool.COPIES = {source: targets}  # this module object only: a root that holds this one source
     (tmp_path / source).parent.mkdir(parents=True)
     (tmp_path / source).write_text('{"generic": ["a {}"]}')
     assert any("missing" in line for line in tool.drifted(tmp_path))

@@ -45,7 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = Trainer(config, out, progress=not args.no_progress).fit(resume=not args.no_resume)
     if result.final_metrics:
         print(json.dumps({"final": result.final_metrics, "best": result.best_metrics}, indent=2))
-    print(f"model folder: {out / 'model'}")
+    print(f"{'adapter' if config.peft else 'model'} folder: {out / ('adapter' if config.peft else 'model')}")
     return 0
 
 
@@ -162,9 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when problems are found")
     p.set_defaults(func=_cmd_data_check)
 
+    from . import cards, download, publish
+    from .adapt.finetune_cli import add_parser as add_finetune_parser
     from .importers.cli import add_parser as add_import_parser
 
+    add_finetune_parser(sub)
     add_import_parser(sub)
+    download.add_parser(sub)
+    publish.add_parser(sub)
+    cards.add_parser(sub)
 
     p = sub.add_parser("demo", help="train the demo model on built-in synthetic data (CPU, minutes)")
     p.add_argument("--out", default="demo_out", help="where the run, model and plots go")

@@ -63,17 +63,34 @@ def load(
     *,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    adapter: str | Path | None = None,
 ) -> ContrastiveModel:
     """A :class:`ContrastiveModel` with its preprocessing and tokenizer, from a model folder
-    or a Hub repo (the whole snapshot at ``revision``; honours ``HF_HUB_OFFLINE=1``)."""
+    or a Hub repo (the whole snapshot at ``revision``; honours ``HF_HUB_OFFLINE=1``).
+
+    ``adapter``: a PEFT adapter folder (from ``clipzoo finetune``) applied strictly on top;
+    it must have been trained on these very weights (see :func:`clipzoo.core.adapt.apply_adapter`)."""
     folder = resolve_folder(name_or_path, revision, cache_dir)
+    verify_manifest(folder)
     config = read_config(folder)
     _check_providers(config, folder)
     state = read_weights(folder)
     model = ContrastiveModel(config, root=folder)
     check_state_dict(model, state, folder)
     model.load_state_dict(state, strict=True)
+    if adapter is not None:
+        from .adapt.folder import apply_adapter
+
+        apply_adapter(model, adapter, base=str(name_or_path), base_folder=folder)
     return model.to(device).eval()
+
+
+def verify_manifest(folder: Path) -> None:
+    """A folder from ``clipzoo download`` carries ``clipzoo-manifest.json``: every listed
+    file's sha256 must match, none may be missing or added (see :mod:`.download`)."""
+    from .download import verify_manifest as check
+
+    check(folder)
 
 
 def resolve_folder(name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
@@ -210,12 +227,8 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 
 def _minimal_card(config: ModelConfig) -> str:
-    towers = "\n".join(f"- `{m}`: {t.type} ({t.provider.get('package', '?')})" for m, t in config.towers.items())
-    return (
-        "---\nlibrary_name: clipzoo\ntags:\n- clipzoo\n- contrastive\n---\n\n"
-        f"# {config.architecture or 'clipzoo model'}\n\n"
-        f"Contrastive model with towers:\n{towers}\n\nEmbedding width: {config.embed_dim}.\n\n"
-        "No evaluation results are recorded for this folder.\n\n"
-        "```python\nimport clipzoo.core\nmodel = clipzoo.core.load('PATH_OR_REPO')\n```\n"
-    )
+    """The card of a folder saved without one: metadata, preprocessing, how to load; no
+    metrics, since no evaluation produced any (see :mod:`.cards`)."""
+    from .cards import render_card
 
+    return render_card(config)

@@ -31,11 +31,38 @@ class DataSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+PEFT_METHODS = ("lora", "dora", "ia3")
+
+
+@dataclass
+class PeftSpec:
+    """Parameter-efficient fine-tuning of ``init_from``: the base stays frozen and only the
+    adapter (and, with ``train_logit``, the temperature and bias) is trained and published
+    (see :mod:`clipzoo.core.adapt`).
+
+    ``towers`` limits the adapted modalities (default: all); ``target_modules`` overrides
+    the towers' own ``peft_target_modules()`` with full module names or name suffixes;
+    ``feedforward_modules`` (IA3 only) defaults to the targeted down-projections.
+    ``rank``, ``alpha`` and ``dropout`` apply to LoRA and DoRA.
+    """
+
+    method: str = "lora"  # lora | dora | ia3
+    towers: list[str] | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None
+    train_logit: bool = True
+
+
 @dataclass
 class TrainConfig:
     # model: a registered architecture, or a model folder / Hub id to start from
     model: str = "core/tiny"
     init_from: str | None = None
+    init_revision: str | None = None  # Hub revision of init_from
+    peft: PeftSpec | None = None  # train an adapter on init_from instead of every weight
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
     train_data: DataSpec = field(default_factory=DataSpec)
     val_data: DataSpec | None = None
@@ -86,6 +113,8 @@ class TrainConfig:
         for key in ("train_data", "val_data"):
             if isinstance(data.get(key), dict):
                 data[key] = DataSpec(**data[key])
+        if isinstance(data.get("peft"), dict):
+            data["peft"] = PeftSpec(**data["peft"])
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
         config = cls(**data)
@@ -102,6 +131,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.objectives:
             raise ConfigError("at least one objective is needed")
+        if self.peft is not None:
+            if not self.init_from:
+                raise ConfigError("peft: set init_from to the base model (a model folder or Hub id) to adapt")
+            if self.peft.method not in PEFT_METHODS:
+                raise ConfigError(f"peft.method must be one of {PEFT_METHODS}, got {self.peft.method!r}")
+            if self.peft.rank < 1:
+                raise ConfigError(f"peft.rank must be at least 1, got {self.peft.rank}")
 
     def with_overrides(self, assignments: list[str]) -> TrainConfig:
         """Apply ``key=value`` strings (dotted keys reach into nested fields; values are
@@ -120,7 +156,7 @@ class TrainConfig:
             for part in parts[:-1]:
                 if isinstance(target.get(part), dict):
                     target = target[part]
-                elif target.get(part) is None and part in ("val_data",):
+                elif target.get(part) is None and part in ("val_data", "peft"):
                     target[part] = {}
                     target = target[part]
                 else:

@@ -17,7 +17,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors", "huggingface_hub", "numpy")
+PACKAGES = ("torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors", "huggingface_hub", "numpy", "peft")
 
 
 class RunLog:

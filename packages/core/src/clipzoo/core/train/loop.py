@@ -90,13 +90,17 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         if cfg.init_from:
-            model = load(cfg.init_from)
+            model = load(cfg.init_from, revision=cfg.init_revision)
         else:
             model = ContrastiveModel(registry.build("architecture", cfg.model))
         for modality, unlocked in cfg.lock.items():
             model.lock(modality, unlocked)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if cfg.peft is not None:  # adapters go in before the optimizer and any DDP wrapping
+            from ..adapt.peft import apply_peft
+
+            apply_peft(model, cfg.peft)
         return model
 
     def _datasets(self) -> tuple[Any, Any]:
@@ -255,7 +259,7 @@ class Trainer:
                     if value is not None and value > best_value:
                         best_value, best_metrics, bad_evals = value, {"step": step, **metrics}, 0
                         if world.is_main:
-                            save_pretrained(ema.shadow if ema else model, self.out / "best")
+                            self._publish(ema.shadow if ema else model, "best")
                     else:
                         bad_evals += 1
                     if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
@@ -276,7 +280,7 @@ class Trainer:
         if world.is_main:
             if final_metrics:
                 runlog.write({"kind": "eval", "step": step, **final_metrics})
-            save_pretrained(final_model, self.out / "model", card=_run_card(final_model, self.out, final_metrics))
+            self._publish(final_model, "model", final_metrics)
             plot_loss_curve(runlog.records(), self.out / "loss_curve.png")
             (self.out / "metrics.json").write_text(json.dumps({"final": final_metrics, "best": best_metrics}, indent=2) + "\n")
         runlog.close()
@@ -322,6 +326,20 @@ class Trainer:
                 raise ValueError(f"the training data gives this rank (rank {world.rank}) no full batch of {cfg.batch_size}")
             epoch += 1
 
+    def _publish(self, model: ContrastiveModel, name: str, metrics: dict[str, float] | None = None) -> Path:
+        """``out/model`` (with the run's card when ``metrics`` are given) or ``out/best``; with
+        ``peft``, an adapter folder that names its base instead: ``out/adapter``, ``out/best-adapter``."""
+        cfg = self.config
+        if cfg.peft is None:
+            card = None if metrics is None else _run_card(model, self.out, metrics)
+            return save_pretrained(model, self.out / name, card=card)
+        from ..adapt.folder import save_adapter
+
+        folder = self.out / ("adapter" if name == "model" else f"{name}-adapter")
+        prov_path = self.out / "provenance.json"
+        prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
+        return save_adapter(model, folder, base=cfg.init_from, revision=cfg.init_revision, provenance=prov, metrics=metrics)
+
     def _eval_on_main(self, model: ContrastiveModel, val: Any, world: WorldInfo) -> dict[str, float]:
         metrics = self._evaluate(model, val) if world.is_main else {}
         if world.is_distributed:
@@ -362,21 +380,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _run_card(model: ContrastiveModel, out: Path, metrics: dict[str, float]) -> str:
-    prov_path = out / "provenance.json"
-    prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
-    lines = [
-        "---", "library_name: clipzoo", "tags:", "- clipzoo", "- contrastive", "---", "",
-        f"# {model.config.architecture or 'clipzoo model'}", "",
-        "Trained with `clipzoo train`.", "",
-        "## Evaluation (measured at the end of this run)", "",
-    ]
-    if metrics:
-        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))]
-    else:
-        lines.append("No evaluation was run.")
-    lines += ["", "## Provenance", ""]
-    for key in ("git_sha", "data_sha256", "seed", "world_size", "device", "created"):
-        lines.append(f"- {key}: `{prov.get(key)}`")
-    lines.append(f"- packages: `{json.dumps(prov.get('packages', {}))}`")
-    lines += ["", "```python", "import clipzoo.core", "model = clipzoo.core.load('PATH_OR_REPO')", "```", ""]
-    return "\n".join(lines)
+    """The card of ``out/model``: the run's final evaluation (each number into the card's
+    ``model-index``) and ``out/provenance.json``; see :func:`clipzoo.core.cards.render_run_card`."""
+    from ..cards import render_run_card
+
+    return render_run_card(model, out, metrics)
