@@ -1,0 +1,1 @@
+"""Benchmarks of clipzoo against open_clip. ``python -m tools.bench --help``."""
