@@ -286,7 +286,7 @@ def test_bare_state_dict_with_a_named_architecture(tmp_path):
     with pytest.raises(ConfigError, match="architecture"):
         import_source(plain)
     deeper = native_cfg(True, {"layers": 3})
-    with pytest.raises(CheckpointMismatchError, match=r"missing: .*blocks\.2\."):  # a wrong architecture is named
+    with pytest.raises(CheckpointMismatchError, match=r"missing tensors: .*blocks\.2\."):  # a wrong architecture is named
         import_source(plain, architecture=deeper)
 
 

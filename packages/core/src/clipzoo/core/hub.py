@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -158,23 +159,25 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and wrongly-shaped tensor names (empty when ``given`` fits)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
+    return [
+        f"{label}: {', '.join(items[:20])}" + (f" ... ({len(items) - 20} more)" if len(items) > 20 else "")
+        for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
     """Fail with the names of missing, unexpected or wrongly-shaped tensors."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches: {'; '.join(shapes)}")
+    problems = state_dict_problems(model.state_dict(), state)
     if problems:
         raise ModelFolderError(f"{folder / WEIGHTS_NAME}: " + " | ".join(problems))
 

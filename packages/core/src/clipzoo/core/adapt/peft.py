@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MissingPackageError, ModelFolderError
+from ..hub import state_dict_problems
 from ..model import ContrastiveModel
 from ..train.config import PEFT_METHODS, PeftSpec
 
@@ -222,20 +223,7 @@ def load_adapter_state(model: ContrastiveModel, state: dict[str, torch.Tensor], 
     peft = require_peft()
     given = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()}
     expected = peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(given[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in given and given[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing adapter tensors: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches: {'; '.join(shapes)}")
+    problems = state_dict_problems(expected, given)
     if problems:
         raise ModelFolderError(f"{source}: " + " | ".join(problems))
     result = peft.set_peft_model_state_dict(model, given, adapter_name=ADAPTER_NAME)

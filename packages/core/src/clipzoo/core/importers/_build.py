@@ -6,25 +6,14 @@ from collections.abc import Mapping
 
 import torch
 
+from ..hub import state_dict_problems
 from ..model import ContrastiveModel
 from .keys import CheckpointMismatchError
 
 
 def build_and_load(model: ContrastiveModel, state: Mapping[str, torch.Tensor], source: str) -> ContrastiveModel:
     """Load ``state`` into ``model`` with every name and shape checked; eval mode, float32."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
-        if items
-    ]
+    problems = state_dict_problems(model.state_dict(), state)
     if problems:
         raise CheckpointMismatchError(f"{source}: the remapped checkpoint does not fit the model: " + " | ".join(problems))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
