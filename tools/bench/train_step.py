@@ -427,6 +427,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class ForeignCpu:
+    """Share of the machine's CPU time that other processes used between :meth:`start` and
+    :meth:`stop` (Linux ``/proc/stat`` minus this process's own CPU time); 0 on a quiet machine."""
+
+    def _read(self) -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+
+    def start(self) -> None:
+        try:
+            self.begin = self._read()
+        except (OSError, ValueError):
+            self.begin = None
+
+    def stop(self) -> float:
+        if self.begin is None:
+            return float("nan")
+        busy, own, now = self._read()
+        cpus = os.cpu_count() or 1
+        return max(0.0, (busy - self.begin[0]) - (own - self.begin[1])) / (cpus * (now - self.begin[2]))
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -581,6 +606,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     # reported (see pin_glibc_allocator)
     memory = PeakMemory(device)
     memory.start()
+    foreign = ForeignCpu()
+    foreign.start()
     step_times = []
     t_start = time.perf_counter()
     for batch in batches[spec["warmup"]:]:
@@ -591,6 +618,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         step_times.append(time.perf_counter() - t0)
     synchronize(device)
     elapsed = time.perf_counter() - t_start
+    foreign_share = foreign.stop()
     timed_window = memory.stop()
     timed = batches[spec["warmup"]:]
     if device.type == "cuda":
@@ -615,6 +643,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "samples_per_s": batch_size * len(timed) / elapsed, "step_times_s": step_times,
         "memory_method": method, **mem, "timed_window_increase_mib": timed_window["increase_mib"],
         "parameters": count_parameters(model), "loadavg_1min_end": os.getloadavg()[0],
+        "foreign_cpu_share": foreign_share,
         "text_length_mean": statistics.mean(text_length(b) for b in timed), "warmup_losses": losses,
     }
 
@@ -830,7 +859,9 @@ def format_markdown(summary: dict[str, Any], info: dict[str, Any], args: argpars
         f"- parameters: clipzoo {pre['parameters']['clipzoo']:,}, open_clip {pre['parameters']['open_clip']:,}; "
         f"same weights + same tokens give losses {pre['loss_check'][0]:.6f} / {pre['loss_check'][1]:.6f}",
         f"- 1-min load average: {info['loadavg_start'][0]:.2f} before the run, {info['loadavg_workers'][0]:.2f}-"
-        f"{info['loadavg_workers'][1]:.2f} at the end of the measurement processes (their own threads count)",
+        f"{info['loadavg_workers'][1]:.2f} at the end of the measurement processes (their own threads count); "
+        f"other processes' share of the CPU during the kept timed windows at most "
+        f"{100 * info['foreign_cpu_share_max']:.1f}% ({info['redone_runs']} runs redone above {100 * args.max_foreign:.0f}%)",
         f"- peak memory: {method}",
         "- matmul rate (fp32 `torch.mm`, start/end of the run): "
         + ", ".join(f"{r / 1e9:.1f}" for r in rates) + " GFLOP/s; MFU uses the larger",
@@ -876,11 +907,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="per-phase times and top operators instead of the benchmark")
     p.add_argument("--markdown", type=Path, default=None, help="write the results as markdown here")
     p.add_argument("--json", type=Path, default=None, help="write every measurement as JSON here")
+    p.add_argument("--max-foreign", type=float, default=0.05,
+                   help="redo a run when other processes took more than this share of the CPU during it")
+    p.add_argument("--retries", type=int, default=3, help="redos per run at most (see --max-foreign)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.runs, args.steps, args.batch_size, args.warmup = 1, 2, 8, 1
+        args.runs, args.steps, args.batch_size, args.warmup, args.retries = 1, 2, 8, 1, 0
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return args
@@ -917,7 +951,14 @@ def main(argv: list[str] | None = None) -> int:
             "memory_steps": args.memory_steps, "adamw": args.adamw}
     for run in range(args.runs):
         for library, row in CONFIGS:
-            result = _run_worker({**base, "library": library, "row": row, "run": run}, args.timeout)
+            for attempt in range(args.retries + 1):
+                result = _run_worker({**base, "library": library, "row": row, "run": run}, args.timeout)
+                if not result["foreign_cpu_share"] > args.max_foreign:  # nan (unknown) passes
+                    break
+                log(f"run {run + 1}/{args.runs} {library} {ROW_TITLES[row]}: other processes took "
+                    f"{100 * result['foreign_cpu_share']:.0f}% of the CPU; " + (
+                        "measuring again" if attempt < args.retries else "keeping it (retries exhausted)"))
+            result["attempts"] = attempt + 1
             log(f"run {run + 1}/{args.runs} {library:9s} {ROW_TITLES[row]:17s}: {result['samples_per_s']:8.2f} samples/s, "
                 f"peak {result['peak_mib']:7.1f} MiB, text length {result['text_length_mean']:.1f}")
             results.append(result)
@@ -926,8 +967,11 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = list(os.getloadavg())
     loads = [r["loadavg_1min_end"] for r in results]
     info["loadavg_workers"] = [min(loads), max(loads)]
-    if max(loads) > 1.5 * args.threads:
-        log(f"WARNING: 1-min load average reached {max(loads):.1f} on {info['cores']} cores: other work shared the CPU")
+    shares = [r["foreign_cpu_share"] for r in results if not math.isnan(r["foreign_cpu_share"])]
+    info["foreign_cpu_share_max"] = max(shares) if shares else float("nan")
+    info["redone_runs"] = sum(r["attempts"] - 1 for r in results)
+    if shares and max(shares) > args.max_foreign:
+        log(f"WARNING: other processes took up to {100 * max(shares):.0f}% of the CPU during kept runs")
     summary = summarise(results, pre, max(rates))
     log(f"peak memory: {results[0]['memory_method']}")
     log("")
