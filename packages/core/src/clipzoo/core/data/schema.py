@@ -58,6 +58,19 @@ def report_skipped(logger: Any, source: str, problems: list[BadSampleError], kep
     )
 
 
+def resolve_under(root: Path, relative: str | Path, source: str, row: int | str | None, field: str | None) -> Path:
+    """``root / relative`` resolved (symlinks included); raises :class:`UnsafePathError` when the
+    result is not inside ``root`` (a ``..``, an absolute path elsewhere, a symlink out).
+    ``root`` must already be resolved. Every reader that takes a path from an index file uses it."""
+    given = Path(relative)
+    resolved = (given if given.is_absolute() else root / given).resolve()
+    if not resolved.is_relative_to(root):
+        raise UnsafePathError(
+            source, row, field, f"path {str(relative)!r} resolves to {resolved}, outside the dataset root {root}"
+        )
+    return resolved
+
+
 def check_on_error(on_error: str) -> str:
     """Validate a reader's bad-sample policy: ``"raise"`` or ``"skip"``."""
     if on_error not in ON_ERROR:

@@ -25,6 +25,7 @@ from .schema import (
     decode_image,
     parse_label,
     report_skipped,
+    resolve_under,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,15 +167,7 @@ class TabularDataset(Dataset):
         field = self.columns["image"]
         if not isinstance(value, str) or not value.strip():
             raise BadSampleError(self.source, row, field, "no image path")
-        given = Path(value.strip())
-        resolved = (given if given.is_absolute() else self.root / given).resolve()
-        if not resolved.is_relative_to(self._root_resolved):
-            raise UnsafePathError(
-                self.source,
-                row,
-                field,
-                f"image path {value!r} resolves to {resolved}, outside the dataset root {self._root_resolved}",
-            )
+        resolved = resolve_under(self._root_resolved, value.strip(), self.source, row, field)
         if self._check_files and not resolved.is_file():
             raise BadSampleError(self.source, row, field, f"image file not found: {resolved}")
         return resolved.relative_to(self._root_resolved).as_posix()

@@ -21,18 +21,22 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.")
 
 
 class HFTextTower(Tower):
-    """``args``: either ``pretrained`` (a Hub id or folder; weights load through
-    ``AutoModel.from_pretrained``) or ``config`` (a full transformers config dict, random
-    init), and ``pooling`` (``mean`` over real tokens, ``cls``, ``eos`` = last real token,
-    ``argmax`` = the first real token with the largest id, i.e. CLIP's end-of-text token,
-    or ``pooler`` = the model's own pooler output). ``preprocess``: ``tokenizer`` (a Hub
-    id or folder; defaults to ``pretrained``) and ``context_length``.
+    """``args``: ``pretrained`` (a Hub id or folder; weights load through
+    ``AutoModel.from_pretrained``), ``config`` (a full transformers config dict: random init),
+    or both (the architecture comes from ``config``, so the tower builds offline and on the
+    ``meta`` device, where no weights are loaded; otherwise ``pretrained``'s weights are loaded
+    into it and must match it), and ``pooling`` (``mean`` over real tokens, ``cls``, ``eos`` =
+    last real token, ``argmax`` = the first real token with the largest id, i.e. CLIP's
+    end-of-text token, or ``pooler`` = the model's own pooler output). ``preprocess``:
+    ``tokenizer`` (a Hub id or folder; defaults to ``pretrained``) and ``context_length``. The
+    tokenizer is loaded at build time, except on the ``meta`` device where it is loaded on first
+    use (or when ``context_length``, which defaults to the tokenizer's maximum, is not given).
     """
 
     input_kind = "text"
 
     def __init__(self, config: TowerConfig, embed_dim: int, root: Path | None = None) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel
 
         args = config.args
         unknown = set(args) - {"pretrained", "config", "pooling"}
@@ -42,17 +46,21 @@ class HFTextTower(Tower):
         if pooling not in POOLINGS:
             raise ConfigError(f"hf-text tower: pooling {pooling!r} not one of {POOLINGS}")
         pretrained = args.get("pretrained")
-        if pretrained:
-            source = resolve_source(pretrained, root)
-            hf_config = AutoConfig.from_pretrained(source)
-            extra = _model_kwargs(AutoModel, hf_config, pooling)
-            with _quiet_transformers():  # its load report lists the pooler we drop on purpose
-                model = AutoModel.from_pretrained(source, config=hf_config, dtype=torch.float32, **extra)
-        elif args.get("config"):
+        on_meta = torch.empty(()).device.type == "meta"  # inside `with torch.device("meta")`
+        if args.get("config"):
             hf_config = AutoConfig.for_model(**args["config"])
-            model = AutoModel.from_config(hf_config, **_model_kwargs(AutoModel, hf_config, pooling))
+        elif pretrained:
+            hf_config = AutoConfig.from_pretrained(resolve_source(pretrained, root))
         else:
-            raise ConfigError("hf-text tower: give args.pretrained (Hub id or folder) or args.config")
+            raise ConfigError("hf-text tower: give args.pretrained (Hub id or folder) and/or args.config")
+        extra = _model_kwargs(AutoModel, hf_config, pooling)
+        if pretrained and not on_meta:
+            with _quiet_transformers():  # its load report lists the pooler we drop on purpose
+                model = AutoModel.from_pretrained(
+                    resolve_source(pretrained, root), config=hf_config, dtype=torch.float32, **extra
+                )
+        else:
+            model = AutoModel.from_config(hf_config, **extra)
         super().__init__(config, model.config.hidden_size, embed_dim)
         self.model = model
         self.pooling = pooling
@@ -60,9 +68,25 @@ class HFTextTower(Tower):
         if not tokenizer_source:
             raise ConfigError("hf-text tower: preprocess.tokenizer is required with args.config")
         config.preprocess.setdefault("tokenizer", tokenizer_source)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_source(tokenizer_source, root))
-        max_len = min(int(self.tokenizer.model_max_length), int(getattr(model.config, "max_position_embeddings", 512)))
-        self.context_length = int(config.preprocess.setdefault("context_length", max_len))
+        self._tokenizer_source = resolve_source(tokenizer_source, root)
+        self._tokenizer: Any = None
+        if not on_meta:  # a meta build (a parameter count, a shape check) needs no tokenizer
+            self._tokenizer = self.tokenizer
+        if "context_length" not in config.preprocess:
+            max_len = min(
+                int(self.tokenizer.model_max_length), int(getattr(model.config, "max_position_embeddings", 512))
+            )
+            config.preprocess["context_length"] = max_len
+        self.context_length = int(config.preprocess["context_length"])
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer named by ``preprocess.tokenizer``, loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source)
+        return self._tokenizer
 
     def features(self, inputs: dict[str, torch.Tensor], return_tokens: bool) -> TowerOutput:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]

@@ -45,6 +45,7 @@ from clipzoo.core.data.schema import (
     UnsafePathError,
     check_on_error,
     report_skipped,
+    resolve_under,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,19 +70,6 @@ def check_up_axis(value: str) -> str:
     if value not in UP_AXES:
         raise ValueError(f"up_axis must be one of {UP_AXES}, got {value!r}")
     return value
-
-
-def resolve_under(root: Path, relative: str | Path, source: str, row: int | str | None, field: str | None) -> Path:
-    """``root / relative`` resolved (symlinks included); raises :class:`UnsafePathError` when the
-    result is not inside ``root`` (a ``..``, an absolute path elsewhere, a symlink out).
-    ``root`` must already be resolved."""
-    given = Path(relative)
-    resolved = (given if given.is_absolute() else root / given).resolve()
-    if not resolved.is_relative_to(root):
-        raise UnsafePathError(
-            source, row, field, f"path {str(relative)!r} resolves to {resolved}, outside the dataset root {root}"
-        )
-    return resolved
 
 
 def as_points(
