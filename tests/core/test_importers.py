@@ -362,14 +362,14 @@ def test_clip_tokenizer_ids_equal_open_clip(tmp_path):
 # -- the catalogue ------------------------------------------------------------------------------------
 def test_catalogue_entries_are_well_formed():
     entries = catalogue_entries()
-    assert {"quiltnet-b-32", "biomedclip", "plip", "remoteclip-vit-b-32", "georsclip-vit-b-32"} <= {e.name for e in entries}
+    assert {"remoteclip-vit-b-32", "remoteclip-vit-l-14", "georsclip-vit-b-32"} <= {e.name for e in entries}
     for entry in entries:
         assert entry.problems() == [], entry.name
         assert entry.licence.strip() and re.match(r"^[\w.-]+/[\w.-]+$", entry.hub_id)
         assert entry.revision is None or re.fullmatch(r"[0-9a-f]{40}", entry.revision)
         if entry.source_format == "open_clip-state-dict":
             assert open_clip_architecture(entry.architecture)["embed_dim"] > 0
-    assert catalogue_entry("biomedclip").licence == "MIT"
+    assert catalogue_entry("remoteclip-vit-b-32").architecture == "ViT-B-32"
 
 
 def test_catalogue_registration_refuses_malformed_and_duplicate_entries():
@@ -390,7 +390,7 @@ def test_catalogue_registration_refuses_malformed_and_duplicate_entries():
             register_catalogue_entry(CatalogueEntry(**{**good.__dict__, **bad}))
 
 
-@pytest.mark.parametrize("name", ["quiltnet-b-32", "plip", "remoteclip-vit-b-32"])
+@pytest.mark.parametrize("name", ["remoteclip-vit-b-32", "georsclip-vit-b-32"])
 def test_offline_catalogue_import_fails_clearly(name, tmp_path):
     with pytest.raises(ModelFolderError, match=r"(?s)not in the local Hub cache.*offline.*hf download"):
         import_catalogue_entry(name, cache_dir=tmp_path / "empty-cache")
@@ -438,7 +438,7 @@ def test_domain_packages_add_entries_through_the_entry_point_group(tmp_path, mon
     monkeypatch.setattr(catalogue, "_loaded_groups", False)
     try:
         assert catalogue_entry("test-domain-model").domain == "pointcloud"
-        assert "biomedclip" in {e.name for e in catalogue_entries()}  # the core table is still there
+        assert "remoteclip-vit-b-32" in {e.name for e in catalogue_entries()}  # the core table is still there
         assert "clipzoo_no_such_module_xyz" in caplog.text  # the broken package is named, not hidden
     finally:
         unregister_catalogue_entry("test-domain-model")
@@ -464,7 +464,7 @@ def test_import_command(tmp_path, capsys):
     import_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["import", "--list"])
     assert args.func(args) == 0
-    assert "biomedclip" in capsys.readouterr().out
+    assert "remoteclip-vit-b-32" in capsys.readouterr().out
     cfg = native_cfg(False)
     ref = native_model(cfg, seed=9)
     (tmp_path / "arch.json").write_text(json.dumps(cfg))

@@ -148,30 +148,13 @@ def import_catalogue_entry(
 
 
 # -- the core table ------------------------------------------------------------------------------
-_OPENAI_PREPROCESS = {
+#: OpenAI CLIP's preprocessing in open_clip's preprocess_cfg form, for entries whose repo ships none
+OPENAI_PREPROCESS = {
     "mean": [0.48145466, 0.4578275, 0.40821073],
     "std": [0.26862954, 0.26130258, 0.27577711],
     "interpolation": "bicubic",
     "resize_mode": "shortest",
 }
-_QUILT = """@misc{ikezogwo2023quilt1m,
-  title={Quilt-1M: One Million Image-Text Pairs for Histopathology},
-  author={Ikezogwo, Wisdom Oluchi and Seyfioglu, Mehmet Saygin and Ghezloo, Fatemeh and Geva, Dylan Stefan Chan
-          and Mohammed, Fatwir Sheikh and Anand, Pavan Kumar and Krishna, Ranjay and Shapiro, Linda},
-  year={2023}, eprint={2306.11207}, archivePrefix={arXiv}
-}"""
-_BIOMEDCLIP = """@misc{zhang2023biomedclip,
-  title={Large-Scale Domain-Specific Pretraining for Biomedical Vision-Language Processing},
-  author={Zhang, Sheng and Xu, Yanbo and Usuyama, Naoto and Bagga, Jaspreet and Tinn, Robert and Preston, Sam
-          and Rao, Rajesh and Wei, Mu and Valluri, Naveen and Wong, Cliff and Lungren, Matthew and Naumann, Tristan
-          and Poon, Hoifung},
-  year={2023}, doi={10.48550/arXiv.2303.00915}
-}"""
-_PLIP = """@article{huang2023plip,
-  title={A visual-language foundation model for pathology image analysis using medical Twitter},
-  author={Huang, Zhi and Bianchi, Federico and Yuksekgonul, Mert and Montine, Thomas J. and Zou, James},
-  journal={Nature Medicine}, year={2023}
-}"""
 _REMOTECLIP = """@article{remoteclip,
   title={RemoteCLIP: A Vision Language Foundation Model for Remote Sensing},
   author={Liu, Fan and Chen, Delong and Guan, Zhangqingyun and Zhou, Xiaocong and Zhu, Jiale and Zhou, Jun},
@@ -185,31 +168,9 @@ _GEORSCLIP = """@article{zhang2023rs5m,
 
 _CORE_ENTRIES = (
     CatalogueEntry(
-        name="quiltnet-b-32", hub_id="wisdomik/QuiltNet-B-32", source_format="open_clip-hub", licence="MIT",
-        citation=_QUILT, domain="medical", preprocess=_OPENAI_PREPROCESS,
-        notes=("licence: the wisdomikezogwo/quilt1m README states 'the codes and the pretrained model' are MIT; "
-               "the Hub card's own licence field was not checked",
-               "preprocessing and architecture are read from the repo's open_clip_config.json"),
-    ),
-    CatalogueEntry(
-        name="biomedclip", hub_id="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-        source_format="open_clip-hub", licence="MIT", citation=_BIOMEDCLIP, domain="medical",
-        notes=("licence: 'license: mit' in the Hub model card's metadata",
-               "timm ViT-B/16 image tower + PubMedBERT text tower (open_clip TimmModel + HFTextEncoder); the import "
-               "reads the text model's config and tokenizer from its own Hub repo (hf_model_name), so it needs "
-               "the network or those repos in the cache",
-               "the model card restricts use to research (any deployed use is out of scope)"),
-    ),
-    CatalogueEntry(
-        name="plip", hub_id="vinid/plip", source_format="transformers-clip", licence=UNVERIFIED, citation=_PLIP,
-        domain="medical", preprocess=_OPENAI_PREPROCESS,
-        notes=("licence not found in the stored copy of the model card; check the repo before use",
-               "the card disclaims medical use and cites Twitter's data policy"),
-    ),
-    CatalogueEntry(
         name="remoteclip-vit-b-32", hub_id="chendelong/RemoteCLIP", source_format="open_clip-state-dict",
         filename="RemoteCLIP-ViT-B-32.pt", architecture="ViT-B-32", licence=UNVERIFIED, citation=_REMOTECLIP,
-        domain="remote_sensing", preprocess=_OPENAI_PREPROCESS,
+        domain="remote_sensing", preprocess=OPENAI_PREPROCESS,
         notes=("the ChenDelong1999/RemoteCLIP README states no licence",
                "architecture as in the README's loading code: open_clip 'ViT-B-32' (nn.GELU, not QuickGELU)",
                "preprocessing: open_clip's defaults for ViT-B-32 (OpenAI mean/std, 224 px, bicubic); the repo "
@@ -218,14 +179,14 @@ _CORE_ENTRIES = (
     CatalogueEntry(
         name="remoteclip-vit-l-14", hub_id="chendelong/RemoteCLIP", source_format="open_clip-state-dict",
         filename="RemoteCLIP-ViT-L-14.pt", architecture="ViT-L-14", licence=UNVERIFIED, citation=_REMOTECLIP,
-        domain="remote_sensing", preprocess=_OPENAI_PREPROCESS,
+        domain="remote_sensing", preprocess=OPENAI_PREPROCESS,
         notes=("the ChenDelong1999/RemoteCLIP README states no licence",
                "architecture as in the README's loading code: open_clip 'ViT-L-14' (nn.GELU)"),
     ),
     CatalogueEntry(
         name="georsclip-vit-b-32", hub_id="Zilun/GeoRSCLIP", source_format="open_clip-state-dict",
         filename="ckpt/RS5M_ViT-B-32.pt", architecture="ViT-B-32-quickgelu", licence=UNVERIFIED,
-        citation=_GEORSCLIP, domain="remote_sensing", preprocess=_OPENAI_PREPROCESS,
+        citation=_GEORSCLIP, domain="remote_sensing", preprocess=OPENAI_PREPROCESS,
         notes=("om-ai-lab/RS5M (the code repo) is MIT-licensed; the licence of the weights on the Hub was not checked",
                "architecture: the authors' inference.py builds open_clip 'ViT-B/32' with pretrained='openai' before "
                "loading this file, which in the open_clip of the time meant OpenAI's QuickGELU model "
