@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # torch 2.14.1 + torchvision 0.29.1 on disk (timm needs torchvision); elsewhere any
 # matching PyPI pair works: `make test TORCH="torch torchvision"`.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-LOCAL_PACKAGES := -e 'packages/core[train,parquet,peft]' -e packages/pointcloud
+LOCAL_PACKAGES := -e 'packages/core[train,parquet,peft]' -e packages/pointcloud -e packages/medical
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 

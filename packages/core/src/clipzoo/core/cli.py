@@ -7,6 +7,7 @@ clipzoo.core.cli train ...`` runs the same training on many processes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .errors import ClipzooError
+from .errors import ClipzooError, ConfigError
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -124,8 +125,15 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
+    if args.recipe == "core/demo":
+        from .demo import run_demo
+    else:  # a domain's demo: the module that defines its recipe also defines run_demo(out, steps)
+        registry.get("recipe", args.recipe)  # a clear error for an unknown or uninstalled name
+        entry = next(e for e in registry.entries("recipe") if e.name == args.recipe)
+        module = importlib.import_module(entry.target.partition(":")[0])
+        run_demo = getattr(module, "run_demo", None)
+        if run_demo is None:
+            raise ConfigError(f"recipe {args.recipe!r} has no demo (its module {module.__name__} defines no run_demo)")
     run_demo(Path(args.out), steps=args.steps)
     return 0
 
@@ -192,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     cards.add_parser(sub)
 
     p = sub.add_parser("demo", help="train the demo model on built-in synthetic data (CPU, minutes)")
+    p.add_argument("recipe", nargs="?", default="core/demo",
+                   help="which demo: core/demo (default) or a domain's, e.g. pointcloud/demo, medical/cxr-demo")
     p.add_argument("--out", default="demo_out", help="where the run, model and plots go")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.set_defaults(func=_cmd_demo)
