@@ -394,3 +394,36 @@ def test_open_dataset_formats_and_registry(folder):
         assert open_dataset("test-reader", table, on_error="skip") == ["from", str(table), {"on_error": "skip"}]
     finally:
         registry.unregister("dataset", "test-reader")
+
+
+# -- the reader base every domain reader builds on ------------------------------------------------
+def test_reader_base_records_a_skipped_sample_once_and_data_check_says_why(tmp_path):
+    from clipzoo.core.data.check import format_summary, summarize
+    from clipzoo.core.data.reader import ReaderBase
+
+    class Rows(ReaderBase):
+        def __init__(self, path, on_error="raise"):
+            super().__init__(path, split=None, on_error=on_error)
+            for row, value in enumerate(["1", "x", "3", "../out"]):
+                if value.startswith(".."):
+                    self.keep_problem(BadSampleError(self.source, row, "value", "index row rejected"))
+                    continue
+                self.items.append((row, value))
+
+        def _load(self, index):
+            row, value = self.items[index]
+            if not value.isdigit():
+                raise BadSampleError(self.source, row, "value", f"{value!r} is not a number")
+            return {"value": int(value), "split": "test"}
+
+    with pytest.raises(BadSampleError, match="index row rejected"):
+        Rows(tmp_path)
+    rows = Rows(tmp_path, on_error="skip")
+    assert [rows[i] for i in range(len(rows))] == [{"value": 1, "split": "test"}, None, {"value": 3, "split": "test"}]
+    assert rows[1] is None  # a second epoch: skipped again, recorded once
+    assert [p.reason for p in rows.problems] == ["index row rejected", "'x' is not a number"]
+    summary = summarize(Rows(tmp_path, on_error="skip"))
+    assert summary.n_samples == 2 and summary.n_problems == 2
+    assert "'x' is not a number" in format_summary(summary)  # the reason, not just "skipped"
+    with pytest.raises(IndexError):
+        rows[3]

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from .. import registry
 from ..errors import UnknownPartError
+from .reader import ReaderBase
 from .schema import BadSampleError
 from .tabular import SUFFIX_FORMATS, TabularDataset
 from .webdataset import WebDatasetShards
@@ -86,11 +87,9 @@ def summarize(dataset: Dataset, verify_images: bool = True) -> DatasetSummary:
     sample counts as a problem), an iterable one iterated. Open the dataset with
     ``on_error="skip"`` to see every problem rather than stop at the first.
     """
-    problems: list[BadSampleError] = list(getattr(dataset, "problems", []))
+    problems: list[BadSampleError] = []  # what the walk itself meets; the reader's own list is added after
     if isinstance(dataset, IterableDataset):
-        before = len(problems)
         metas: Iterable[dict[str, Any]] = list(dataset)
-        problems += list(getattr(dataset, "problems", []))[before:]
     else:
         metas = _map_style(dataset, verify_images, problems)
     splits: Counter[str] = Counter()
@@ -111,6 +110,7 @@ def summarize(dataset: Dataset, verify_images: bool = True) -> DatasetSummary:
             else:
                 labels[int(label)] += 1
     counts = list(per_image.values())
+    problems = list(getattr(dataset, "problems", [])) + problems  # each once: indexing, then loading
     return DatasetSummary(
         source=_describe(dataset),
         n_samples=n,
@@ -152,8 +152,9 @@ def _map_style(dataset: Any, verify_images: bool, problems: list[BadSampleError]
         except BadSampleError as problem:
             problems.append(problem)
             continue
-        if sample is None:
-            problems.append(BadSampleError(str(source), i, None, "sample skipped by the reader (see its warning)"))
+        if sample is None:  # a ReaderBase records why in its .problems; for other readers, say where
+            if not isinstance(dataset, ReaderBase):
+                problems.append(BadSampleError(str(source), i, None, "sample skipped by the reader (see its warning)"))
             continue
         yield sample
 

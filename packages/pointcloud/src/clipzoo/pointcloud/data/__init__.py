@@ -32,19 +32,15 @@ import importlib
 import logging
 import os
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
+from clipzoo.core.data.reader import ReaderBase
 from clipzoo.core.data.schema import (
     BadSampleError,
     DatasetFormatError,
-    UnsafePathError,
-    check_on_error,
-    report_skipped,
     resolve_under,
 )
 
@@ -206,8 +202,9 @@ def h5_labels(files: H5Files, path: Path, n: int) -> np.ndarray:
 
 
 # -- the base reader --------------------------------------------------------------------------
-class PointDataset(Dataset):
-    """What every point-cloud reader shares: the ``on_error`` policy, ``problems``, indexing.
+class PointDataset(ReaderBase):
+    """What every point-cloud reader shares beyond the core's :class:`ReaderBase` (the
+    ``on_error`` policy, ``problems``, indexing): the gravity axis of its files, label checks.
 
     Subclasses fill ``self.items`` (one record per sample, in a deterministic order), set
     ``classnames`` and implement :meth:`_load` ``(index) -> sample dict``.
@@ -216,61 +213,13 @@ class PointDataset(Dataset):
     up_axis: str = "y"
 
     def __init__(self, path: str | Path, *, split: str | None, on_error: str, up_axis: str) -> None:
-        self.path = Path(path)
-        self.source = str(self.path)
-        self.split = split
-        self.on_error = check_on_error(on_error)
+        super().__init__(path, split=split, on_error=on_error)
         self.up_axis = check_up_axis(up_axis)
-        self.classnames: list[str] = []
-        self.items: list[Any] = []
-        self.problems: list[BadSampleError] = []
-        if not self.path.exists():
-            raise DatasetFormatError(f"{self.source}: no such file or folder")
-
-    # -- construction helpers -------------------------------------------------------------
-    def keep_problem(self, problem: BadSampleError) -> None:
-        """Record a row rejected while indexing (``on_error="skip"``), or raise it."""
-        if self.on_error == "raise" or isinstance(problem, UnsafePathError):
-            raise problem
-        self.problems.append(problem)
-
-    def report_problems(self) -> None:
-        report_skipped(logger, self.source, self.problems, len(self.items))
 
     def check_label(self, label: int, source: str, row: int | str | None) -> int:
         if not 0 <= int(label) < len(self.classnames):
             raise BadSampleError(source, row, "label", f"label {label} is not in [0, {len(self.classnames)})")
         return int(label)
-
-    # -- access -----------------------------------------------------------------------------
-    def _load(self, index: int) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        try:
-            return self._load(index)
-        except UnsafePathError:
-            raise
-        except BadSampleError as problem:
-            if self.on_error == "raise":
-                raise
-            logger.warning("skipping sample: %s", problem)
-            return None
-
-    def __iter__(self) -> Iterator[dict[str, Any] | None]:
-        for i in range(len(self)):
-            yield self[i]
-
-    def __repr__(self) -> str:
-        split = f", split={self.split!r}" if self.split else ""
-        return f"{type(self).__name__}({self.source!r}{split}, samples={len(self)}, classes={len(self.classnames)})"
 
 
 _LAZY = {
