@@ -427,3 +427,14 @@ def test_reader_base_records_a_skipped_sample_once_and_data_check_says_why(tmp_p
     assert "'x' is not a number" in format_summary(summary)  # the reason, not just "skipped"
     with pytest.raises(IndexError):
         rows[3]
+
+
+def test_bad_sample_errors_survive_pickling():
+    import pickle
+
+    from clipzoo.core.data.schema import UnsafePathError
+
+    for error in (BadSampleError("a.csv", 3, "image", "cannot decode"), UnsafePathError("b.csv", None, "path", "escapes")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert (copy.source, copy.row, copy.field, copy.reason) == (error.source, error.row, error.field, error.reason)

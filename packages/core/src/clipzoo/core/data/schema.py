@@ -36,6 +36,11 @@ class BadSampleError(ClipzooError, ValueError):
         super().__init__(f"{where}: {reason}")
         self.source, self.row, self.field, self.reason = source, row, field, reason
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # an exception unpickles as cls(*self.args); ours takes its four parts, not the message
+        # (a reader's problems list travels to spawn-started data-loader workers)
+        return (type(self), (self.source, self.row, self.field, self.reason))
+
 
 class UnsafePathError(BadSampleError):
     """A path read from a dataset file leads outside the dataset root (``..``, an absolute
