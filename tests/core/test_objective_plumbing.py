@@ -75,6 +75,15 @@ def test_collator_makes_seeded_second_views_and_batches_variant_items(tiny_model
     assert "image:view2" not in Collator(tiny_model)(_samples())
 
 
+def test_multi_label_masks_are_batched_and_survive_accumulation(tiny_model):
+    samples = [{**s, "label": [1, 0, 1], "label_mask": [1, 0, 1] if i % 2 else [1, 1, 1]}
+               for i, s in enumerate(_samples())]
+    batch = Collator(tiny_model)(samples)
+    assert batch["label_mask"].dtype == torch.int64 and batch["label_mask"].shape == batch["label"].shape
+    halves = [Collator(tiny_model)(samples[:2]), Collator(tiny_model)(samples[2:])]
+    assert torch.equal(merge_batches(halves)["label_mask"], batch["label_mask"])
+
+
 def test_merge_batches_keeps_annotations_and_pads_token_features():
     a = {"label": torch.tensor([0, 1]), "image": torch.zeros(2, 3), "momentum.text.tokens": torch.ones(2, 3, 4),
          "momentum.text.mask": torch.ones(2, 3, dtype=torch.bool), "aux.mim.target": torch.ones(2, 5),

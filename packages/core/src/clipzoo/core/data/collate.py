@@ -65,7 +65,7 @@ class Collator:
         for key in METADATA_KEYS:
             if key in samples[0]:
                 values = [s[key] for s in samples]
-                batch[key] = torch.as_tensor(values) if key == "label" else values
+                batch[key] = torch.as_tensor(values) if key in ("label", "label_mask") else values
         return batch
 
 

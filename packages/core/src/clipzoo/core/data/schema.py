@@ -20,7 +20,8 @@ from typing import Any
 
 from ..errors import ClipzooError
 
-METADATA_KEYS = ("label", "id", "image_id", "split")
+#: per-sample fields the collator passes through (``label_mask``: 1 where a multi-label entry is known)
+METADATA_KEYS = ("label", "label_mask", "id", "image_id", "split")
 ON_ERROR = ("raise", "skip")
 
 
