@@ -50,7 +50,7 @@ class _IndexedCollate:
         return kept, self.collator([sample for _, sample in pairs])
 
 
-def _embed(
+def embed_with_meta(
     model: Any,
     dataset: Dataset | Sequence[Any],
     modality: str,
@@ -60,8 +60,11 @@ def _embed(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
-    """Embeddings of the kept samples, their dataset indices, and their metadata ``keys``
-    (tensors for ``label``, lists otherwise)."""
+    """Normalised ``(N, D)`` embeddings of the usable samples' ``modality`` items (eval
+    preprocessing, no gradients, eval mode), their dataset indices, and their metadata
+    ``keys`` as the collator batches them (tensors for ``label`` and ``label_mask``, lists
+    otherwise). Samples a reader skips (``None``) are dropped with one logged warning; a
+    missing key is a ``KeyError`` naming the sample."""
     loader = DataLoader(
         IndexedDataset(dataset),  # type: ignore[arg-type]
         batch_size=batch_size,
@@ -115,7 +118,7 @@ def embed_dataset(
     ``DataLoader``, under ``torch.no_grad`` with the model in eval mode. ``device``: where
     batches go (default: the model's device). ``progress`` shows a tqdm bar.
     """
-    emb, _, _ = _embed(model, dataset, modality, (), batch_size, num_workers, device, progress)
+    emb, _, _ = embed_with_meta(model, dataset, modality, (), batch_size, num_workers, device, progress)
     return emb
 
 
@@ -138,12 +141,12 @@ def evaluate_retrieval(
     :func:`~clipzoo.core.eval.image_text_retrieval`'s keys.
     """
     options = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
-    text_emb, text_indices, text_meta = _embed(model, dataset, text_modality, ("image_id",), **options)
+    text_emb, text_indices, text_meta = embed_with_meta(model, dataset, text_modality, ("image_id",), **options)
     first: dict[Any, int] = {}  # image_id -> dataset index of its first caption sample
     for index, image_id in zip(text_indices, text_meta["image_id"], strict=True):
         first.setdefault(image_id, index)
     image_dataset = Subset(dataset, list(first.values()))  # type: ignore[arg-type]
-    image_emb, _, image_meta = _embed(model, image_dataset, image_modality, ("image_id",), **options)
+    image_emb, _, image_meta = embed_with_meta(model, image_dataset, image_modality, ("image_id",), **options)
     gallery = {image_id: i for i, image_id in enumerate(image_meta["image_id"])}
     keep = [i for i, image_id in enumerate(text_meta["image_id"]) if image_id in gallery]
     if len(keep) != len(text_meta["image_id"]):
@@ -178,7 +181,7 @@ def evaluate_zero_shot(
     negative = None
     if negative_templates is not None:
         negative = build_classifier(model, classnames, negative_templates, modality=text_modality).cpu()
-    emb, _, meta = _embed(model, dataset, modality, ("label",), batch_size, num_workers, device, progress)
+    emb, _, meta = embed_with_meta(model, dataset, modality, ("label",), batch_size, num_workers, device, progress)
     return zero_shot_metrics(
         emb, classifier, meta["label"], ks, classnames=display_names(classnames), negative_classifier=negative
     )
@@ -199,6 +202,6 @@ def evaluate_linear_probe(
     ``probe_options`` go to :func:`~clipzoo.core.eval.linear_probe` (``weight_decay``,
     ``weight_decays``, ``max_iter``, ...)."""
     options = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
-    train_x, _, train_meta = _embed(model, train_dataset, modality, ("label",), **options)
-    test_x, _, test_meta = _embed(model, test_dataset, modality, ("label",), **options)
+    train_x, _, train_meta = embed_with_meta(model, train_dataset, modality, ("label",), **options)
+    test_x, _, test_meta = embed_with_meta(model, test_dataset, modality, ("label",), **options)
     return linear_probe(train_x, train_meta["label"], test_x, test_meta["label"], **probe_options)

@@ -34,11 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from clipzoo.core.data import Collator
 from clipzoo.core.eval import auroc, build_classifier, evaluate_retrieval, pairwise_prompt_scores
-from clipzoo.core.eval.runner import IndexedDataset
+from clipzoo.core.eval.runner import embed_with_meta
 
 logger = logging.getLogger(__name__)
 
@@ -48,60 +46,19 @@ REDUCTIONS = ("mean", "max")
 
 
 # -- embedding with labels and masks --------------------------------------------------------
-class _MetaCollate:
-    """Collate ``(index, sample)`` pairs into (kept meta, model batch); picklable."""
-
-    def __init__(self, collator: Collator, keys: Sequence[str]) -> None:
-        self.collator, self.keys = collator, tuple(keys)
-
-    def __call__(self, pairs: list[tuple[int, Any]]) -> tuple[dict[str, list[Any]], dict[str, Any]]:
-        samples = [s for _, s in pairs if s is not None]
-        meta = {key: [s.get(key) for s in samples] for key in self.keys}
-        return meta, self.collator(samples)
+def _first_sample(dataset: Any) -> dict[str, Any]:
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if sample is not None:
+            return sample
+    raise ValueError("the dataset gave no usable sample")
 
 
-def _device_of(model: Any) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def embed_with_meta(
-    model: Any, dataset: Any, modality: str = "image", keys: Sequence[str] = ("label", "label_mask"),
-    batch_size: int = 64, num_workers: int = 0, device: Any = None,
-) -> tuple[torch.Tensor, dict[str, list[Any]]]:
-    """L2-normalised ``(N, D)`` embeddings (CPU, float32, dataset order) of every usable
-    sample's ``modality`` item with the model's eval preprocessing, and each kept sample's
-    ``keys`` values (``None`` where a sample lacks the key); skipped samples (``None``) are
-    dropped from both with a logged warning."""
-    loader = DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_MetaCollate(Collator(model, train=False, modalities=[modality]), keys))
-    target = torch.device(device) if device is not None else _device_of(model)
-    parts: list[torch.Tensor] = []
-    meta: dict[str, list[Any]] = {key: [] for key in keys}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch_meta, batch in loader:
-                if not batch.get("size"):
-                    continue
-                if modality not in batch:
-                    raise KeyError(f"the samples have no {modality!r} item for this evaluation")
-                inputs = batch[modality]
-                inputs = inputs.to(target) if isinstance(inputs, torch.Tensor) else {
-                    k: v.to(target) for k, v in inputs.items()}
-                parts.append(model.encode(modality, inputs).float().cpu())
-                for key in keys:
-                    meta[key].extend(batch_meta[key])
-    finally:
-        model.train(was_training)
-    if not parts:
-        raise ValueError(f"the dataset gave no usable sample to embed for {modality!r}")
-    emb = torch.cat(parts)
-    if emb.shape[0] != len(dataset):
-        logger.warning("%d of %d samples were dropped as unusable", len(dataset) - emb.shape[0], len(dataset))
-    return F.normalize(emb, dim=-1), meta
+def _label_matrix(values: torch.Tensor, what: str, num_classes: int) -> np.ndarray:
+    matrix = np.asarray(values.cpu(), dtype=np.int64)
+    if matrix.ndim != 2 or matrix.shape[1] != num_classes:
+        raise ValueError(f"{what} must be a list of {num_classes} 0/1 values per sample, got shape {matrix.shape}")
+    return matrix
 
 
 # -- multi-label AUROC with unknown labels ----------------------------------------------------
@@ -223,14 +180,11 @@ def chexpert_zero_shot(
     pos_template, neg_template = templates
     pos = build_classifier(model, names, [pos_template], modality=text_modality).cpu()
     neg = build_classifier(model, names, [neg_template], modality=text_modality).cpu()
-    emb, meta = embed_with_meta(model, dataset, modality, ("label", "label_mask"), batch_size, num_workers, device)
+    keys = ("label", "label_mask") if "label_mask" in _first_sample(dataset) else ("label",)
+    emb, _, meta = embed_with_meta(model, dataset, modality, keys, batch_size, num_workers, device)
     scores = pairwise_prompt_scores(emb, pos, neg)
     targets = _label_matrix(meta["label"], "label", len(names))
-    if any(m is not None for m in meta["label_mask"]):
-        mask = _label_matrix([m if m is not None else [1] * len(names) for m in meta["label_mask"]],
-                             "label_mask", len(names))
-    else:
-        mask = None
+    mask = _label_matrix(meta["label_mask"], "label_mask", len(names)) if "label_mask" in meta else None
     out = masked_auroc(scores, targets, mask, names)
     if bootstrap:
         out.update(bootstrap_auroc(scores, targets, mask, names, n_samples=bootstrap, seed=seed, confidence=confidence))
@@ -302,8 +256,8 @@ def five_way_accuracy(
                               for i in range(0, len(prompts), 256)])
     finally:
         model.train(model_was_training)
-    emb, meta = embed_with_meta(model, dataset, modality, ("label",), batch_size, num_workers, device)
-    labels = torch.as_tensor([int(v) for v in meta["label"]], dtype=torch.long)
+    emb, _, meta = embed_with_meta(model, dataset, modality, ("label",), batch_size, num_workers, device)
+    labels = meta["label"].long()
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
         raise ValueError(f"labels must lie in [0, {len(names)}) for {len(names)} classes")
     scores = prompt_class_scores(emb, text, owners, len(names), reduce)
