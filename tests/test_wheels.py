@@ -209,3 +209,66 @@ def test_a_point_cloud_model_loads_from_the_installed_wheels(venv, tmp_path):
     assert np.allclose(result["emb"], expected, atol=1e-5)
     assert result["provider"]["package"] == "clipzoo-pointcloud"
     assert not Path(result["package"]).resolve().is_relative_to(ROOT / "packages")
+
+
+def test_a_trained_ct_model_loads_with_clipzoo_medical_alone(venv, tmp_path):
+    """A tiny CT model (3D ViT + text), trained a few steps here and saved, loads in the fresh
+    venv with only clipzoo-core and clipzoo-medical installed (clipzoo-pointcloud and the
+    meta-package are uninstalled for the check) and embeds a fixed volume to the same vector;
+    its preprocessing block (orientation, spacing, HU window, shape) comes back from the folder."""
+    import numpy as np
+    import torch
+
+    import clipzoo.core as cz
+
+    torch.manual_seed(0)
+    model = cz.create_model("medical/ct-tiny")
+    rng = np.random.default_rng(0)
+    volumes = [{"hu": rng.uniform(-1000, 400, size=(30, 28, 26)).astype("float32"), "affine": np.diag([8.0, 8.0, 8.0, 1.0])}
+               for _ in range(4)]
+    texts = [f"a lesion in the {side} lung" for side in ("left upper", "left lower", "right upper", "right lower")]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs = {"volume": model.prepare("volume", volumes), "text": model.prepare("text", texts)}
+    losses = []
+    for _ in range(3):
+        v, t = model.encode("volume", inputs["volume"]), model.encode("text", inputs["text"])
+        logits = model.logit.scale.exp() * v @ t.T
+        target = torch.arange(len(texts))
+        loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    folder = model.save_pretrained(tmp_path / "ct-model")
+    np.save(tmp_path / "hu.npy", volumes[0]["hu"])
+    with torch.no_grad():
+        expected = model.encode("volume", model.prepare("volume", volumes[:1]))[0].tolist()
+    others = [name for name in ("clipzoo-pointcloud", "clipzoo") if name in venv.expected]
+    run([venv.python, "-m", "pip", "uninstall", "-q", "-y", *others], cwd=venv.workdir)
+    try:
+        result = venv.run_python(
+            "import json, importlib.util, numpy as np, torch\n"
+            "import clipzoo.core as cz\n"
+            f"model = cz.load({str(folder)!r})\n"
+            f"volume = {{'hu': np.load({str(tmp_path / 'hu.npy')!r}), 'affine': np.diag([8.0, 8.0, 8.0, 1.0])}}\n"
+            "with torch.no_grad():\n"
+            "    emb = model.encode('volume', model.prepare('volume', [volume]))[0]\n"
+            "import clipzoo.medical\n"
+            "print(json.dumps({'emb': emb.tolist(), 'provider': model.config.towers['volume'].provider,\n"
+            "                  'preprocess': model.config.towers['volume'].preprocess,\n"
+            "                  'pointcloud': importlib.util.find_spec('clipzoo.pointcloud') is not None,\n"
+            "                  'package': clipzoo.medical.__file__}))\n"
+        )
+        run([venv.python, "-m", "pip", "check"], cwd=venv.workdir)
+    finally:
+        wheels = sorted((venv.workdir / "dist").glob("*.whl"))
+        back = [w for w in wheels if canonicalize_name(w.name.split("-")[0]) in others]
+        run([venv.python, "-m", "pip", "install", "-q", "--no-deps", *back], cwd=venv.workdir)
+    assert not result["pointcloud"]
+    assert np.allclose(result["emb"], expected, atol=1e-5)
+    assert result["provider"]["package"] == "clipzoo-medical"
+    assert result["preprocess"] == model.config.towers["volume"].preprocess
+    assert {"orientation", "spacing", "hu_window", "shape"} <= set(result["preprocess"])
+    assert not Path(result["package"]).resolve().is_relative_to(ROOT / "packages")
