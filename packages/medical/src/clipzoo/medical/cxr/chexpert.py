@@ -147,12 +147,7 @@ class CheXpert(XrayDataset):
 
     def _load(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        sample = {"image": load_xray(item["path"], item["source"], item["row"]), "text": ""}
-        sample.update({k: v for k, v in item.items() if k not in ("path", "label_mask", "source", "row")})
-        sample["path"] = str(item["path"])
-        if self.masked:
-            sample["label_mask"] = item["label_mask"]
-        return sample
+        return self.sample_from(item, load_xray(item["path"], item["source"], item["row"]), "", ("source", "row"))
 
 
 def chexpert(path: str | Path, split: str | None = None, on_error: str = "raise", **options: Any) -> CheXpert:

@@ -230,12 +230,7 @@ class MimicCxr(XrayDataset):
             except (OSError, UnicodeDecodeError) as exc:
                 raise BadSampleError(str(file), None, "text", f"cannot read the report: {exc}") from exc
             text = report_text(raw, self.report_section, str(file))
-        sample = {"image": load_xray(item["path"], str(item["path"]), None), "text": text}
-        sample.update({k: v for k, v in item.items() if k not in ("label_mask", "path")})
-        sample["path"] = str(item["path"])
-        if self.masked:
-            sample["label_mask"] = item["label_mask"]
-        return sample
+        return self.sample_from(item, load_xray(item["path"], str(item["path"]), None), text)
 
 
 def mimic_cxr(path: str | Path, split: str | None = None, on_error: str = "raise", **options: Any) -> MimicCxr:

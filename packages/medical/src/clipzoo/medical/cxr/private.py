@@ -157,11 +157,7 @@ class CxrCsv(XrayDataset):
     def _load(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         image = load_xray(item["path"], self.source, item["row"], voi_lut=self.voi_lut, mode=self.image_mode)
-        sample = {"image": image, **{k: v for k, v in item.items() if k not in ("path", "row", "label_mask")}}
-        sample["path"] = str(item["path"])
-        if self.masked:
-            sample["label_mask"] = item["label_mask"]
-        return sample
+        return self.sample_from(item, image, item["text"], ("row",))
 
 
 def cxr_dicom(path: str | Path, split: str | None = None, on_error: str = "raise", **options: Any) -> DicomFolder:

@@ -134,5 +134,17 @@ class XrayDataset(ReaderBase):
     (``on_error`` policy, ``problems``, indexing). Subclasses fill ``self.items`` (one record
     per sample, in a deterministic order), set ``classnames`` and implement :meth:`_load`."""
 
+    masked = False  #: whether samples carry ``label_mask`` (the label policy can leave values unknown)
+
+    def sample_from(self, item: dict[str, Any], image: Any, text: str, hidden: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A sample from an index record: the image and text, the record's fields except the
+        internal ``hidden`` ones, ``path`` as a string and ``label_mask`` when :attr:`masked`."""
+        sample = {"image": image, "text": text}
+        sample.update({k: v for k, v in item.items() if k not in ("path", "label_mask", *hidden)})
+        sample["path"] = str(item["path"])
+        if self.masked:
+            sample["label_mask"] = item["label_mask"]
+        return sample
+
 
 __all__ = ["DICOM_SUFFIXES", "READERS", "XrayDataset", "find_file", "load_xray", "read_csv"]
