@@ -85,6 +85,8 @@ SPECS: dict[str, tuple[Any, dict[str, Any]]] = {
     # clipzoo-pointcloud (rows used when it is installed): the point tower against teacher embeddings
     "pointcloud/ulip": (pointcloud_tiny, {}),
     "pointcloud/openshape": (pointcloud_tiny, {"false_negative_threshold": 0.5}),
+    # clipzoo-medical: MedVista3D-style global + token-wise alignment, on the image tower's patch tokens
+    "medical/medvista3d": (tiny, {"modalities": ["image", "text"], "local_weight": 0.5}),
 }
 
 
