@@ -1,6 +1,6 @@
 """The ``medical/medvista3d`` objective (global CLIP + token-wise local term, checked against a
 float64 hand computation), CT zero-shot AUROC / retrieval on hand-built cases, the synthetic CT
-set, and the CT demo learning (fast: a short run; slow: the whole demo)."""
+set, and the CT demo learning (a shortened run of the demo recipe)."""
 
 from __future__ import annotations
 
