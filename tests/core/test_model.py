@@ -451,3 +451,10 @@ def test_text_tower_with_config_and_pretrained_builds_on_meta_without_the_hub():
     assert sum(p.numel() for p in model.tower("text").model.parameters()) == 22_565_376  # MiniLM-L6 less its pooler
     with pytest.raises(Exception, match="no-such-org/no-such-model"):
         cz.ContrastiveModel(_text_tower(args, {"context_length": 64}))  # off meta it must fetch them
+
+
+def test_default_collate_names_mismatched_shapes(tiny_model):
+    tower = tiny_model.tower("image")
+    assert tower.collate([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)]).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"cannot batch image items of different shapes .*\(3, 4, 5\)"):
+        tower.collate([torch.zeros(3, 4, 4), torch.zeros(3, 4, 5)])

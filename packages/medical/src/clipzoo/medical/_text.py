@@ -41,3 +41,25 @@ def biomedbert_text(context_length: int = 128, pooling: str = "cls") -> dict[str
         "head": {"type": "linear"},
         "preprocess": {"tokenizer": BIOMEDBERT_ID, "context_length": context_length},
     }
+
+
+def with_tiny_text(config: Any) -> Any:
+    """``config`` (a ModelConfig holding the image/volume tower) plus ``core/tiny``'s text tower
+    (a 2-layer, 64-wide BERT, random init, MiniLM tokenizer): the demo and test models."""
+    from clipzoo.core import registry
+    from clipzoo.core.errors import ConfigError
+
+    core = registry.build("architecture", "core/tiny")
+    if core.embed_dim != config.embed_dim:
+        raise ConfigError(f"{config.architecture}: embed_dim {config.embed_dim} differs from core/tiny's {core.embed_dim}")
+    config.towers["text"] = core.towers["text"]
+    return config
+
+
+def with_biomedbert(config: Any, context_length: int, pooling: str = "cls") -> Any:
+    """``config`` plus :func:`biomedbert_text` as its ``text`` tower: the paper-scale models."""
+    from clipzoo.core.config import ModelConfig
+
+    data = config.to_dict()
+    data["towers"]["text"] = biomedbert_text(context_length, pooling)
+    return ModelConfig.from_dict(data, source=str(config.architecture))

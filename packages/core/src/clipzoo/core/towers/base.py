@@ -71,7 +71,13 @@ class Tower(nn.Module):
         return _identity
 
     def collate(self, items: list[Any]) -> Any:
-        """One batch from already-transformed samples (e.g. stacking, or tokenizing)."""
+        """One batch from already-transformed samples (e.g. stacking, or tokenizing). The
+        default stacks tensors, which must share one shape (the preprocessing makes them so)."""
+        shapes = {tuple(item.shape) for item in items}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"cannot batch {self.input_kind} items of different shapes {sorted(shapes)}; preprocess them first"
+            )
         return torch.stack(items)
 
     def prepare(self, items: list[Any], train: bool = False) -> Any:

@@ -80,12 +80,6 @@ class VolumeTower(Tower):
     def sample_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
         return CTPreprocess(self.config.preprocess, train)
 
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        shapes = {tuple(item.shape) for item in items}
-        if len(shapes) > 1:
-            raise ValueError(f"cannot batch volumes of different shapes {sorted(shapes)}; preprocess them first")
-        return torch.stack(items)
-
     def features(self, inputs: Any, return_tokens: bool) -> TowerOutput:
         if isinstance(inputs, Mapping) and "volume" in inputs:
             inputs = inputs["volume"]

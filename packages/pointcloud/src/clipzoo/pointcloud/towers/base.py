@@ -285,12 +285,6 @@ class PointTower(Tower):
     def sample_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
         return PointTransform(self.config.preprocess, train)
 
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        shapes = {tuple(item.shape) for item in items}
-        if len(shapes) > 1:
-            raise ValueError(f"cannot batch point clouds of different shapes {sorted(shapes)}; preprocess them first")
-        return torch.stack(items)
-
     # -- forward
     def features(self, inputs: torch.Tensor, return_tokens: bool) -> TowerOutput:
         if isinstance(inputs, Mapping) and "points" in inputs:

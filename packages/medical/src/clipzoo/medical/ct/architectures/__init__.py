@@ -19,12 +19,10 @@
 
 from __future__ import annotations
 
-from clipzoo.core import registry
 from clipzoo.core.architectures import from_package_json
 from clipzoo.core.config import ModelConfig
-from clipzoo.core.errors import ConfigError
 
-from ..._text import biomedbert_text
+from ..._text import with_biomedbert, with_tiny_text
 
 _tiny = from_package_json(__name__, "ct-tiny.json")
 _vit3d = from_package_json(__name__, "ct-vit3d-biomedbert.json")
@@ -33,28 +31,17 @@ _cnn3d = from_package_json(__name__, "ct-cnn3d-biomedbert.json")
 
 def ct_tiny() -> ModelConfig:
     """``medical/ct-tiny``: ``ct-tiny.json``'s volume tower + ``core/tiny``'s text tower."""
-    config = _tiny()
-    core = registry.build("architecture", "core/tiny")
-    if core.embed_dim != config.embed_dim:
-        raise ConfigError(f"medical/ct-tiny: embed_dim {config.embed_dim} differs from core/tiny's {core.embed_dim}")
-    config.towers["text"] = core.towers["text"]
-    return config
-
-
-def _with_biomedbert(config: ModelConfig, context_length: int, pooling: str) -> ModelConfig:
-    data = config.to_dict()
-    data["towers"]["text"] = biomedbert_text(context_length, pooling)
-    return ModelConfig.from_dict(data, source=str(config.architecture))
+    return with_tiny_text(_tiny())
 
 
 def ct_vit3d_biomedbert() -> ModelConfig:
     """``medical/ct-vit3d-biomedbert`` (see the module docstring)."""
-    return _with_biomedbert(_vit3d(), 512, "cls")
+    return with_biomedbert(_vit3d(), 512, "cls")
 
 
 def ct_cnn3d_biomedbert() -> ModelConfig:
     """``medical/ct-cnn3d-biomedbert`` (see the module docstring)."""
-    return _with_biomedbert(_cnn3d(), 512, "cls")
+    return with_biomedbert(_cnn3d(), 512, "cls")
 
 
 __all__ = ["ct_cnn3d_biomedbert", "ct_tiny", "ct_vit3d_biomedbert"]

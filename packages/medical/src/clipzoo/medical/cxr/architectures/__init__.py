@@ -20,17 +20,14 @@ ResNet-50's 19×19 ``layer3`` map (here the 7×7 final map's tokens, projected b
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
-from clipzoo.core import registry
 from clipzoo.core.architectures import from_package_json
 from clipzoo.core.config import ModelConfig
-from clipzoo.core.errors import ConfigError
 
-from ..._text import biomedbert_text
+from ..._text import with_biomedbert, with_tiny_text
 
 _tiny_image = from_package_json(__name__, "cxr-tiny.json")
+_vitb16 = from_package_json(__name__, "cxr-vitb16-biomedbert.json")
+_resnet50 = from_package_json(__name__, "cxr-resnet50-biomedbert.json")
 
 #: MGCA's report length (``max_words`` 112 in its pretraining dataset)
 CXR_CONTEXT_LENGTH = 112
@@ -38,28 +35,17 @@ CXR_CONTEXT_LENGTH = 112
 
 def cxr_tiny() -> ModelConfig:
     """``medical/cxr-tiny``: ``cxr-tiny.json``'s image tower + ``core/tiny``'s text tower."""
-    config = _tiny_image()
-    core = registry.build("architecture", "core/tiny")
-    if core.embed_dim != config.embed_dim:
-        raise ConfigError(f"medical/cxr-tiny: embed_dim {config.embed_dim} differs from core/tiny's {core.embed_dim}")
-    config.towers["text"] = core.towers["text"]
-    return config
-
-
-def _with_biomedbert(name: str) -> ModelConfig:
-    data = json.loads(resources.files(__name__).joinpath(name).read_text())
-    data["towers"]["text"] = biomedbert_text(context_length=CXR_CONTEXT_LENGTH, pooling="cls")
-    return ModelConfig.from_dict(data, source=f"{__name__}/{name}")
+    return with_tiny_text(_tiny_image())
 
 
 def cxr_vitb16_biomedbert() -> ModelConfig:
     """``medical/cxr-vitb16-biomedbert``: ViT-B/16 + BiomedBERT (see the module docstring)."""
-    return _with_biomedbert("cxr-vitb16-biomedbert.json")
+    return with_biomedbert(_vitb16(), CXR_CONTEXT_LENGTH)
 
 
 def cxr_resnet50_biomedbert() -> ModelConfig:
     """``medical/cxr-resnet50-biomedbert``: ResNet-50 + BiomedBERT (see the module docstring)."""
-    return _with_biomedbert("cxr-resnet50-biomedbert.json")
+    return with_biomedbert(_resnet50(), CXR_CONTEXT_LENGTH)
 
 
 __all__ = ["CXR_CONTEXT_LENGTH", "cxr_resnet50_biomedbert", "cxr_tiny", "cxr_vitb16_biomedbert"]

@@ -15,17 +15,13 @@ text tower added at build time.
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
-from clipzoo.core import registry
 from clipzoo.core.architectures import from_package_json
 from clipzoo.core.config import ModelConfig
-from clipzoo.core.errors import ConfigError
 
-from ..._text import biomedbert_text
+from ..._text import with_biomedbert, with_tiny_text
 
 _tiny_image = from_package_json(__name__, "path-tiny.json")
+_vitb16 = from_package_json(__name__, "path-vitb16-biomedbert.json")
 
 #: BiomedCLIP's / QuiltNet-B-16-PMB's text context length
 PATH_CONTEXT_LENGTH = 256
@@ -33,20 +29,12 @@ PATH_CONTEXT_LENGTH = 256
 
 def path_tiny() -> ModelConfig:
     """``medical/path-tiny``: ``path-tiny.json``'s image tower + ``core/tiny``'s text tower."""
-    config = _tiny_image()
-    core = registry.build("architecture", "core/tiny")
-    if core.embed_dim != config.embed_dim:
-        raise ConfigError(f"medical/path-tiny: embed_dim {config.embed_dim} differs from core/tiny's {core.embed_dim}")
-    config.towers["text"] = core.towers["text"]
-    return config
+    return with_tiny_text(_tiny_image())
 
 
 def path_vitb16_biomedbert() -> ModelConfig:
     """``medical/path-vitb16-biomedbert``: ViT-B/16 + BiomedBERT (see the module docstring)."""
-    name = "path-vitb16-biomedbert.json"
-    data = json.loads(resources.files(__name__).joinpath(name).read_text())
-    data["towers"]["text"] = biomedbert_text(context_length=PATH_CONTEXT_LENGTH, pooling="cls")
-    return ModelConfig.from_dict(data, source=f"{__name__}/{name}")
+    return with_biomedbert(_vitb16(), PATH_CONTEXT_LENGTH)
 
 
 __all__ = ["PATH_CONTEXT_LENGTH", "path_tiny", "path_vitb16_biomedbert"]
