@@ -24,6 +24,7 @@ import torch
 
 from clipzoo.core.train.config import DataSpec, ObjectiveSpec, TrainConfig
 
+from .._demo import demo_config
 from .synthetic import SyntheticCT
 
 DEMO_TRAIN = {"n": 4000, "split": "train"}
@@ -37,20 +38,9 @@ def ct_demo() -> TrainConfig:
     32³ volumes (batch 32, 250 steps, AdamW lr 1e-3, no augmentation: the reports name sides).
     Measured on a 2-core CPU: held-out zero-shot mean AUROC over the six findings 0.406 -> 0.869,
     volume->report R@10 0.73 (chance 0.05), 78 s of training."""
-    return TrainConfig(
-        model="medical/ct-tiny",
-        objectives=[ObjectiveSpec("medical/medvista3d", 1.0, {"modalities": ["volume", "text"], "local_weight": 0.5})],
-        train_data=DataSpec("medical/synthetic-ct", None, dict(DEMO_TRAIN)),
-        val_data=None,
-        batch_size=32,
-        max_steps=250,
-        lr=1e-3,
-        weight_decay=0.05,
-        warmup_steps=25,
-        augment=False,
-        eval_every=0,
-        save_every=250,
-        log_every=10,
+    return demo_config(
+        "medical/ct-tiny", "medical/synthetic-ct", DEMO_TRAIN, None, steps=250, batch_size=32, lr=1e-3,
+        objective=ObjectiveSpec("medical/medvista3d", 1.0, {"modalities": ["volume", "text"], "local_weight": 0.5}),
         best_metric="zero_shot/mean_auroc",
     )
 

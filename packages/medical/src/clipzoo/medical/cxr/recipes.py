@@ -32,6 +32,7 @@ import torch
 
 from clipzoo.core.train.config import DataSpec, ObjectiveSpec, TrainConfig
 
+from .._demo import demo_config
 from .synthetic import SyntheticCXR
 
 DEMO_TRAIN = {"n": 4096, "split": "train", "image_size": 64}
@@ -49,22 +50,7 @@ def cxr_demo() -> TrainConfig:
     opacities in six lung zones named by the reports), validated on 300 held-out test-split
     images. ``augment`` off: the images are generated with their own shifts and noise, and a
     crop could cut an opacity the report names."""
-    return TrainConfig(
-        model="medical/cxr-tiny",
-        objectives=[ObjectiveSpec("clip", 1.0, {})],
-        train_data=DataSpec("medical/synthetic-cxr", None, dict(DEMO_TRAIN)),
-        val_data=DataSpec("medical/synthetic-cxr", None, dict(DEMO_TEST)),
-        batch_size=64,
-        max_steps=300,
-        lr=2e-3,
-        weight_decay=0.05,
-        warmup_steps=30,
-        augment=False,
-        eval_every=150,
-        save_every=150,
-        log_every=10,
-        best_metric="text_to_image/R@1",
-    )
+    return demo_config("medical/cxr-tiny", "medical/synthetic-cxr", DEMO_TRAIN, DEMO_TEST, steps=300)
 
 
 def _paper(model: str, objective: ObjectiveSpec, **fields: Any) -> TrainConfig:

@@ -25,6 +25,7 @@ import torch
 
 from clipzoo.core.train.config import DataSpec, ObjectiveSpec, TrainConfig
 
+from .._demo import demo_config
 from .synthetic import SyntheticPatches
 
 DEMO_TRAIN = {"n": 4096, "split": "train", "image_size": 64}
@@ -43,22 +44,7 @@ def path_demo() -> TrainConfig:
     (64 px, 5 tissues), validated on 250 test-split patches. ``augment`` off: timm's random
     resized crops would cut the small patches' texture statistics; the generator already
     flips and rotates them."""
-    return TrainConfig(
-        model="medical/path-tiny",
-        objectives=[ObjectiveSpec("clip", 1.0, {})],
-        train_data=DataSpec("medical/synthetic-patches", None, dict(DEMO_TRAIN)),
-        val_data=DataSpec("medical/synthetic-patches", None, dict(DEMO_TEST)),
-        batch_size=64,
-        max_steps=200,
-        lr=2e-3,
-        weight_decay=0.05,
-        warmup_steps=20,
-        augment=False,
-        eval_every=100,
-        save_every=100,
-        log_every=10,
-        best_metric="text_to_image/R@1",
-    )
+    return demo_config("medical/path-tiny", "medical/synthetic-patches", DEMO_TRAIN, DEMO_TEST, steps=200)
 
 
 def quilt_vitb16() -> TrainConfig:
