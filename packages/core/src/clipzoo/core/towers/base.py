@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import TowerConfig
+from ..errors import ConfigError
 from .heads import build_head
 
 
@@ -131,6 +133,17 @@ class Tower(nn.Module):
     def peft_target_modules(self) -> list[str]:
         """Fully-qualified names (relative to the tower) of the modules LoRA should adapt."""
         return [n for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.startswith("head")]
+
+
+def resolve_args(kind: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A tower's ``args``: ``defaults`` updated with ``given`` (deep copies); a name not in
+    ``defaults`` is a :class:`~clipzoo.core.errors.ConfigError` that lists the known ones."""
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ConfigError(f"{kind} tower: unknown args {sorted(unknown)}; known: {sorted(defaults)}")
+    args = copy.deepcopy(dict(defaults))
+    args.update(copy.deepcopy(dict(given)))
+    return args
 
 
 def _identity(item: Any) -> Any:

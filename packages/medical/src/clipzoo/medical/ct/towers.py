@@ -42,20 +42,9 @@ from torch.utils.checkpoint import checkpoint
 
 from clipzoo.core.config import TowerConfig
 from clipzoo.core.errors import ConfigError
-from clipzoo.core.towers.base import Tower, TowerOutput
+from clipzoo.core.towers.base import Tower, TowerOutput, resolve_args
 
 from .transforms import CTPreprocess, check_preprocess
-
-
-def resolve_args(kind: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with ``given``; unknown names are a ConfigError."""
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ConfigError(f"{kind} tower: unknown args {sorted(unknown)}; known: {sorted(defaults)}")
-    args = copy.deepcopy(dict(defaults))
-    args.update(copy.deepcopy(dict(given)))
-    return args
-
 
 POOLINGS = ("mean", "max")
 

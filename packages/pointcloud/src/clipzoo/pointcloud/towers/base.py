@@ -251,16 +251,6 @@ class SharedMLP(nn.Sequential):
         super().__init__(*layers)
 
 
-def resolve_args(kind: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with ``given``; unknown names are a ConfigError."""
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ConfigError(f"{kind} tower: unknown args {sorted(unknown)}; known: {sorted(defaults)}")
-    args = copy.deepcopy(dict(defaults))
-    args.update(copy.deepcopy(dict(given)))
-    return args
-
-
 # -- the tower ----------------------------------------------------------------------------
 class PointTower(Tower):
     """Shared part of the point towers: the preprocessing contract, input checks, grad

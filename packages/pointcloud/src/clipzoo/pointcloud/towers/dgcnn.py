@@ -33,9 +33,10 @@ from torch import nn
 
 from clipzoo.core.config import TowerConfig
 from clipzoo.core.errors import ConfigError
+from clipzoo.core.towers.base import resolve_args
 
 from ..ops import gather_points, knn
-from .base import ChannelNorm, PointTower, SharedMLP, resolve_args
+from .base import ChannelNorm, PointTower, SharedMLP
 
 DEFAULTS: dict[str, Any] = {
     "k": 20, "edge_channels": [64, 64, 128, 256], "emb_dims": 1024, "norm": "batch", "chunk_size": None,

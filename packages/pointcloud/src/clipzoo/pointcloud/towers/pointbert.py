@@ -41,9 +41,10 @@ from torch import nn
 
 from clipzoo.core.config import TowerConfig
 from clipzoo.core.errors import ConfigError
+from clipzoo.core.towers.base import resolve_args
 
 from ..ops import farthest_point_sample, gather_points, knn
-from .base import PointTower, SharedMLP, resolve_args
+from .base import PointTower, SharedMLP
 
 DEFAULTS: dict[str, Any] = {
     "num_groups": 512,

@@ -33,9 +33,10 @@ from torch import nn
 
 from clipzoo.core.config import TowerConfig
 from clipzoo.core.errors import ConfigError
+from clipzoo.core.towers.base import resolve_args
 
 from ..ops import FPS_STARTS, ball_query, farthest_point_sample, gather_points
-from .base import PointTower, SharedMLP, resolve_args
+from .base import PointTower, SharedMLP
 
 DEFAULTS: dict[str, Any] = {
     "sa": [
