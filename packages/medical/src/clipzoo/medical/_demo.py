@@ -40,3 +40,18 @@ def demo_config(
         log_every=10,
         best_metric=best_metric,
     )
+
+
+def shorten(config: TrainConfig, steps: int | None, batch_size: int | None = None) -> TrainConfig:
+    """``config`` cut to ``steps`` optimizer steps for a quick run (a test, ``--steps``):
+    evaluation (when the recipe evaluates) and a checkpoint half-way and at the end, warm-up
+    at most a tenth of the steps; ``batch_size`` replaces the recipe's. ``None`` keeps a value."""
+    if steps is not None:
+        config.max_steps = int(steps)
+        if config.eval_every:
+            config.eval_every = max(1, config.max_steps // 2)
+        config.save_every = max(1, config.max_steps // 2)
+        config.warmup_steps = min(config.warmup_steps, config.max_steps // 10)
+    if batch_size is not None:
+        config.batch_size = int(batch_size)
+    return config

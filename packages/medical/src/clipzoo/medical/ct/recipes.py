@@ -24,7 +24,7 @@ import torch
 
 from clipzoo.core.train.config import DataSpec, ObjectiveSpec, TrainConfig
 
-from .._demo import demo_config
+from .._demo import demo_config, shorten
 from .synthetic import SyntheticCT
 
 DEMO_TRAIN = {"n": 4000, "split": "train"}
@@ -110,10 +110,7 @@ def run_demo(out_dir: str | Path, steps: int | None = None, progress: bool = Tru
     out = Path(out_dir)
     cache = str(cache_dir if cache_dir is not None else out / "cache")
     config = ct_demo()
-    if steps is not None:
-        config.max_steps = int(steps)
-        config.save_every = config.max_steps
-        config.warmup_steps = min(config.warmup_steps, max(0, config.max_steps // 10))
+    shorten(config, steps)
     train_options = {**DEMO_TRAIN, **({"n": int(n_train)} if n_train is not None else {})}
     heldout = SyntheticCT(seed=config.seed, cache_dir=cache, **DEMO_HELDOUT)
     evaluate = demo_evaluator(heldout)

@@ -32,7 +32,7 @@ import torch
 
 from clipzoo.core.train.config import DataSpec, ObjectiveSpec, TrainConfig
 
-from .._demo import demo_config
+from .._demo import demo_config, shorten
 from .synthetic import SyntheticCXR
 
 DEMO_TRAIN = {"n": 4096, "split": "train", "image_size": 64}
@@ -165,13 +165,7 @@ def run_demo(out_dir: str | Path, steps: int | None = None, progress: bool = Tru
 
     out = Path(out_dir)
     config = cxr_demo()
-    if steps is not None:
-        config.max_steps = int(steps)
-        config.eval_every = max(1, config.max_steps // 2)
-        config.save_every = max(1, config.max_steps // 2)
-        config.warmup_steps = min(config.warmup_steps, max(0, config.max_steps // 10))
-    if batch_size is not None:
-        config.batch_size = int(batch_size)
+    shorten(config, steps, batch_size)
     if threads is not None:
         config.threads = int(threads)
         torch.set_num_threads(int(threads))

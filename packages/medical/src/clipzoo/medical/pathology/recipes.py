@@ -25,7 +25,7 @@ import torch
 
 from clipzoo.core.train.config import DataSpec, ObjectiveSpec, TrainConfig
 
-from .._demo import demo_config
+from .._demo import demo_config, shorten
 from .synthetic import SyntheticPatches
 
 DEMO_TRAIN = {"n": 4096, "split": "train", "image_size": 64}
@@ -119,13 +119,7 @@ def run_demo(out_dir: str | Path, steps: int | None = None, progress: bool = Tru
 
     out = Path(out_dir)
     config = path_demo()
-    if steps is not None:
-        config.max_steps = int(steps)
-        config.eval_every = max(1, config.max_steps // 2)
-        config.save_every = max(1, config.max_steps // 2)
-        config.warmup_steps = min(config.warmup_steps, max(0, config.max_steps // 10))
-    if batch_size is not None:
-        config.batch_size = int(batch_size)
+    shorten(config, steps, batch_size)
     config.best_metric = "zero_shot/balanced_accuracy"
     test = SyntheticPatches(seed=config.seed, **DEMO_TEST)
     train = SyntheticPatches(seed=config.seed, **DEMO_TRAIN)
