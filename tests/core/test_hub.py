@@ -324,24 +324,24 @@ def test_unknown_tower_field_is_named(folder):
     assert "towers.image" in str(info.value)
 
 
-def _medical_tower(config: dict) -> None:
-    config["towers"]["image"]["type"] = "medical/ct-vit"
-    config["towers"]["image"]["provider"] = {"package": "clipzoo-medical", "version": "0.1.0"}
+def _person_tower(config: dict) -> None:  # a domain package not installed here
+    config["towers"]["image"]["type"] = "person/irra-vit"
+    config["towers"]["image"]["provider"] = {"package": "clipzoo-person", "version": "0.1.0"}
 
 
 def test_tower_from_missing_domain_package_says_what_to_install(folder):
-    edit_config(folder, _medical_tower)
-    with pytest.raises(MissingPackageError, match="pip install clipzoo-medical"):
+    edit_config(folder, _person_tower)
+    with pytest.raises(MissingPackageError, match="pip install clipzoo-person"):
         cz.load(folder)
 
 
 def test_unprefixed_tower_from_missing_package_uses_the_recorded_provider(folder):
     def edit(config: dict) -> None:
-        _medical_tower(config)
-        config["towers"]["image"]["type"] = "ct-vit"
+        _person_tower(config)
+        config["towers"]["image"]["type"] = "irra-vit"
 
     edit_config(folder, edit)
-    with pytest.raises(MissingPackageError, match="pip install clipzoo-medical") as info:
+    with pytest.raises(MissingPackageError, match="pip install clipzoo-person") as info:
         cz.load(folder)
     assert "image" in str(info.value)
 

@@ -50,11 +50,11 @@ def test_get_loads_the_part():
 
 
 # -- lookups that fail, and say what to do -------------------------------------------------
-@pytest.mark.skipif(_installed("clipzoo-medical"), reason="clipzoo-medical is installed here")
+@pytest.mark.skipif(_installed("clipzoo-person"), reason="clipzoo-person is installed here")
 def test_domain_part_without_its_package_says_what_to_install():
-    with pytest.raises(MissingPackageError, match="pip install clipzoo-medical") as info:
-        registry.get("recipe", "medical/cxr-mimic")
-    assert "medical/cxr-mimic" in str(info.value)
+    with pytest.raises(MissingPackageError, match="pip install clipzoo-person") as info:
+        registry.get("recipe", "person/irra-cuhk")
+    assert "person/irra-cuhk" in str(info.value)
     assert isinstance(info.value, LookupError)
 
 
