@@ -42,3 +42,16 @@ def test_import_list_shows_them(capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in MEDICAL)
+
+
+def test_importing_the_package_and_its_sub_domains_pulls_in_no_heavy_dependency():
+    import subprocess
+    import sys
+
+    code = ("import sys, json\n"
+            "import clipzoo.medical, clipzoo.medical.cxr, clipzoo.medical.ct, clipzoo.medical.pathology\n"
+            "import clipzoo.medical.catalogue\n"
+            "heavy = ('monai', 'pydicom', 'nibabel', 'timm', 'transformers')\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.partition('.')[0] in heavy)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
