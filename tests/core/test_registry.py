@@ -205,3 +205,19 @@ def test_cli_rejects_an_unknown_kind():
     result = _clipzoo("list", "--kind", "widget")
     assert result.returncode != 0
     assert "widget" in result.stderr
+
+
+def test_lazy_attributes_import_their_submodule_on_first_use(tmp_path, monkeypatch):
+    import sys
+
+    from clipzoo.core.lazy import lazy_attributes
+
+    (tmp_path / "clipzoo_test_lazy").mkdir()
+    (tmp_path / "clipzoo_test_lazy" / "__init__.py").write_text("")
+    (tmp_path / "clipzoo_test_lazy" / "parts.py").write_text("class Part:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    getattr_ = lazy_attributes("clipzoo_test_lazy", {"Part": "parts"})
+    assert "clipzoo_test_lazy.parts" not in sys.modules
+    assert getattr_("Part").__name__ == "Part" and "clipzoo_test_lazy.parts" in sys.modules
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        getattr_("Nope")

@@ -18,8 +18,7 @@ Submodules load on first use (importing this package does not import MONAI, niba
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipzoo.core.lazy import lazy_attributes
 
 _LAZY = {
     "CTVolume": "volume",
@@ -40,10 +39,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

@@ -9,8 +9,7 @@ Submodules (imported on first use, so importing this package pulls in nothing he
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipzoo.core.lazy import lazy_attributes
 
 _LAZY = {
     "Quilt1M": "data",
@@ -33,10 +32,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

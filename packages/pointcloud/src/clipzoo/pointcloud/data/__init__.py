@@ -28,7 +28,6 @@ pull in h5py or trimesh): :mod:`.off`, :mod:`.meshes`, :mod:`.modelnet`, :mod:`.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import zlib
@@ -43,6 +42,7 @@ from clipzoo.core.data.schema import (
     DatasetFormatError,
     resolve_under,
 )
+from clipzoo.core.lazy import lazy_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -239,10 +239,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
